@@ -1,0 +1,45 @@
+"""Shared behaviour of the command-line scripts: bad input ends with one readable message."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Callable
+
+from diffseg.utils.errors import USER_ERRORS
+
+log = logging.getLogger("diffseg")
+
+
+def run_cli(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """Call ``fn``; a data/config/divergence error prints ``error: <message>`` and exits with status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - only user errors are reported briefly, others re-raised
+        user = user_error(err)
+        if user is None:
+            raise
+        print(f"error: {user}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def user_error(err: BaseException) -> BaseException | str | None:
+    """The user-facing error inside ``err`` (Hydra and Lightning wrap exceptions), or None."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, USER_ERRORS):
+            return err
+        if isinstance(err, MissingMandatoryValue):
+            key = getattr(err, "full_key", "") or ""
+            if key.startswith("data.root") or "data.root" in str(err) or key == "root":
+                return (
+                    "data.root is not set: point it at your data set, e.g. data.root=/data/BraTS2021 "
+                    "(BraTS: ROOT/CASE/CASE_{t1,t1ce,t2,flair,seg}.nii.gz; MSD: ROOT/dataset.json, imagesTr/, "
+                    "labelsTr/; folder2d: ROOT/images/, ROOT/masks/), or try the built-in data with "
+                    "data=brats_synthetic (3D) or data=shapes2d (2D)"
+                )
+            return f"config key {key or '?'} is missing: {err}"
+        err = err.__cause__ or err.__context__
+    return None

@@ -1,0 +1,338 @@
+"""One LightningDataModule for 2D images and 3D volumes.
+
+A ``Source`` (formats/) lists the cases on disk and the label map; this module splits them,
+builds the MONAI pipelines, caches the deterministic part and serves:
+- training: random (foreground-weighted) patches, a fixed number of samples per epoch;
+- validation / test: whole images/volumes one at a time, sharded over DDP ranks WITHOUT padding,
+  so that every case is scored exactly once.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from torch.utils.data import DataLoader, Sampler
+
+from diffseg.data.errors import DataError
+from diffseg.data.formats.base import Case, Source
+from diffseg.data.integrity import assert_dataset_ok
+from diffseg.data.transforms import deterministic_transforms, random_transforms
+
+SPLITS = ("train", "val", "test")
+
+
+def load_or_make_splits(
+    cases: Sequence[Case], root: Path, fractions: Sequence[float], seed: int
+) -> dict[str, list[str]]:
+    """``ROOT/splits.json`` when present (validated), else a seeded split by fractions."""
+    ids = [c.id for c in cases]
+    path = Path(root) / "splits.json"
+    if path.is_file():
+        try:
+            splits = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err})") from err
+        missing_keys = [k for k in SPLITS if k not in splits]
+        if missing_keys:
+            raise DataError(f"{path}: expected keys {list(SPLITS)}, missing {missing_keys}")
+        unknown = sorted(set().union(*(splits[k] for k in SPLITS)) - set(ids))
+        if unknown:
+            raise DataError(f"{path}: cases not found in the data set: {unknown[:10]}")
+        seen: dict[str, str] = {}
+        for k in SPLITS:
+            for cid in splits[k]:
+                if cid in seen:
+                    raise DataError(f"{path}: case {cid!r} is in both {seen[cid]!r} and {k!r}")
+                seen[cid] = k
+        return {k: list(splits[k]) for k in SPLITS}
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise DataError(f"data.split_fractions: expected 3 non-negative numbers summing to 1, got {list(fractions)}")
+    if len(ids) < 3:
+        raise DataError(f"{root}: need at least 3 cases to split into train/val/test, found {len(ids)}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = max(1, int(round(fractions[1] * len(ids))))
+    n_test = max(1, int(round(fractions[2] * len(ids))))
+    n_train = len(ids) - n_val - n_test
+    if n_train < 1:
+        raise DataError(f"{root}: {len(ids)} cases are too few for split fractions {list(fractions)}")
+    shuffled = [ids[i] for i in order]
+    return {
+        "train": sorted(shuffled[:n_train]),
+        "val": sorted(shuffled[n_train:n_train + n_val]),
+        "test": sorted(shuffled[n_train + n_val:]),
+    }
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation sampler: rank r takes items r, r+W, r+2W, ... No padding, no duplicates."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class RepeatDataset(torch.utils.data.Dataset):
+    """Presents ``length`` items cycling over a (cached) dataset: a fixed-size training epoch."""
+
+    def __init__(self, dataset, length: int):
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % len(self.dataset)]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class SegDataModule(L.LightningDataModule):
+    """Data for any model: exposes ``spatial_dims``, ``in_channels``, ``num_classes``, ``class_names``,
+    ``regions`` (evaluation groups) and ``spacing``.
+
+    ``spatial_dims`` / ``in_channels`` / ``num_classes`` may be given by the config; they are then
+    checked against the data set (a wrong value stops with a message), otherwise they are read
+    from it (``scripts/fit.py`` fills them before the model is built).
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        root: str,
+        patch_size: Sequence[int],
+        batch_size: int = 2,
+        samples_per_epoch: int = 64,
+        num_workers: int = 0,
+        cache: str = "memory",
+        cache_dir: str | None = None,
+        split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
+        split_seed: int = 0,
+        foreground_ratio: float = 0.5,
+        augment: bool = True,
+        rotate_degrees: float = 0.0,
+        scale_range: float = 0.0,
+        color_jitter: float = 0.0,
+        target_spacing: Sequence[float] | None = None,
+        resize: Sequence[int] | None = None,
+        synthetic: Callable[[], Any] | None = None,
+        spatial_dims: int | None = None,
+        in_channels: int | None = None,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
+        regions: dict[str, Sequence[int]] | None = None,
+        train_transforms: Sequence[Callable] = (),
+    ):
+        super().__init__()
+        if cache not in ("memory", "disk", "none"):
+            raise DataError(f"data.cache: expected memory | disk | none, got {cache!r}")
+        if Path(str(source.root)) != Path(str(root)):
+            raise DataError(f"data.source.root={source.root} differs from data.root={root}")
+        self.root = Path(str(root))
+        self.source = source
+        self.synthetic = synthetic
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.batch_size = int(batch_size)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.num_workers = int(num_workers)
+        self.cache = cache
+        self.cache_dir = cache_dir
+        self.split_fractions = tuple(split_fractions)
+        self.split_seed = int(split_seed)
+        self.foreground_ratio = float(foreground_ratio)
+        self.augment_kwargs = dict(
+            augment=augment, rotate_degrees=rotate_degrees, scale_range=scale_range, color_jitter=color_jitter
+        )
+        self.target_spacing = tuple(target_spacing) if target_spacing is not None else None
+        self.resize = tuple(resize) if resize is not None else None
+        self._regions = {str(k): [int(i) for i in v] for k, v in regions.items()} if regions else None
+        self.extra_train_transforms = list(train_transforms)
+        self._expected = dict(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes)
+        self._expected_names = list(class_names) if class_names is not None else None
+        self._info = None
+        self.splits: dict[str, list[str]] | None = None
+        self.datasets: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- description
+    def ensure_files(self) -> None:
+        """Write the synthetic data set once (locked: safe when several DDP ranks start together)."""
+        if self.synthetic is None:
+            return
+        root = Path(self.source.root)
+        with _file_lock(root.parent / f".{root.name}.lock"):
+            self.synthetic()
+
+    @property
+    def info(self):
+        if self._info is None:
+            self.ensure_files()
+            info = self.source.info()
+            self._check_expected(info)
+            self._info = info
+        return self._info
+
+    def _check_expected(self, info) -> None:
+        actual = dict(spatial_dims=info.spatial_dims, in_channels=info.in_channels,
+                      num_classes=info.label_map.num_classes)
+        wrong = [f"data.{k}={v} but the data set at {self.source.root} has {actual[k]}"
+                 for k, v in self._expected.items() if v is not None and int(v) != actual[k]]
+        if self._expected_names is not None and list(self._expected_names) != list(self.class_names_of(info)):
+            wrong.append(f"data.class_names={self._expected_names} but the data set has {self.class_names_of(info)}")
+        if len(self.patch_size) != info.spatial_dims:
+            wrong.append(f"data.patch_size={list(self.patch_size)} has {len(self.patch_size)} dims, "
+                         f"the data set is {info.spatial_dims}D")
+        if wrong:
+            raise DataError("data config does not match the files:\n  " + "\n  ".join(wrong))
+
+    def class_names_of(self, info) -> list[str]:
+        return list(self.regions_of(info).keys())
+
+    def regions_of(self, info) -> dict[str, list[int]]:
+        """Evaluation groups: the label map's (e.g. WT/TC/ET) unless ``data.regions`` overrides them."""
+        if self._regions is None:
+            return {k: list(v) for k, v in info.label_map.regions.items()}
+        n = info.label_map.num_classes
+        bad = {k: v for k, v in self._regions.items() if not v or any(i < 1 or i >= n for i in v)}
+        if bad:
+            raise DataError(f"data.regions: class indices must be in 1..{n - 1} (0 is background), got {bad}")
+        return self._regions
+
+    spatial_dims = property(lambda self: self.info.spatial_dims)
+    in_channels = property(lambda self: self.info.in_channels)
+    num_classes = property(lambda self: self.info.label_map.num_classes)
+    class_names = property(lambda self: self.class_names_of(self.info))
+    regions = property(lambda self: self.regions_of(self.info))
+    spacing = property(lambda self: self.info.spacing)
+
+    # ---------------------------------------------------------------- integrity
+    def case_splits(self) -> dict[str, list[Case]]:
+        cases = {c.id: c for c in self.source.cases()}
+        if self.splits is None:
+            self.splits = load_or_make_splits(list(cases.values()), Path(self.source.root),
+                                              self.split_fractions, self.split_seed)
+        return {k: [cases[i] for i in ids] for k, ids in self.splits.items()}
+
+    def check(self, fast: bool = True) -> None:
+        """nnU-Net-style integrity check of the whole data set (raises one DataError)."""
+        _ = self.info
+        self.case_splits()
+        assert_dataset_ok(self.source, splits=self.splits, fast=fast)
+
+    def write_splits(self, directory: str | os.PathLike) -> Path:
+        self.case_splits()
+        path = Path(directory) / "splits.json"
+        path.write_text(json.dumps(self.splits, indent=1))
+        return path
+
+    # ---------------------------------------------------------------- pipelines
+    def prepare_data(self) -> None:
+        self.ensure_files()
+
+    def _records(self, cases: Sequence[Case], with_coarse: bool) -> list[dict]:
+        records = []
+        for c in cases:
+            rec = {"image": c.images if len(c.images) > 1 else c.images[0], "case_id": c.id}
+            if c.label is not None:
+                rec["label"] = c.label
+            if with_coarse and c.coarse is not None:
+                rec["coarse"] = c.coarse
+            records.append(rec)
+        return records
+
+    def _cached(self, records: list[dict], transform, stage: str):
+        if self.cache == "memory":
+            # one caching thread: MONAI image readers are shared by the transform and not thread-safe
+            return CacheDataset(records, transform=transform, progress=False, num_workers=1)
+        if self.cache == "disk":
+            key = hashlib.sha1(f"{self.source.root}|{self.patch_size}|{self.target_spacing}|{self.resize}".encode())
+            cache_dir = Path(self.cache_dir or Path(self.source.root) / ".cache") / f"{stage}_{key.hexdigest()[:12]}"
+            return PersistentDataset(records, transform=transform, cache_dir=cache_dir)
+        return Dataset(records, transform=transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        info = self.info
+        splits = self.case_splits()
+        with_coarse = any(c.coarse is not None for c in self.source.cases())
+        extra = ["coarse"] if with_coarse else []
+        common = dict(spatial_dims=info.spatial_dims, label_map=info.label_map, patch_size=self.patch_size,
+                      extra_label_keys=extra, target_spacing=self.target_spacing, resize=self.resize)
+        for name in SPLITS:
+            if name in self.datasets or not splits[name]:
+                continue
+            if stage == "fit" and name == "test":
+                continue
+            if stage in ("test", "validate", "predict") and name == "train":
+                continue
+            det = deterministic_transforms(**common)
+            ds = self._cached(self._records(splits[name], with_coarse), mt.Compose(det), name)
+            if name == "train":
+                rnd = random_transforms(spatial_dims=info.spatial_dims, patch_size=self.patch_size,
+                                        extra_label_keys=extra, foreground_ratio=self.foreground_ratio,
+                                        **self.augment_kwargs)
+                rnd = rnd + self.extra_train_transforms
+                ds = Dataset(RepeatDataset(ds, self.samples_per_epoch), transform=mt.Compose(rnd))
+            self.datasets[name] = ds
+
+    # ---------------------------------------------------------------- loaders
+    def _dist(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._dist()
+        ds = self.datasets["train"]
+        if world > 1:
+            sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
+                                                          seed=self.split_seed)
+        else:
+            sampler = torch.utils.data.RandomSampler(ds)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=list_data_collate, drop_last=len(ds) >= world * self.batch_size,
+                          persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        if name not in self.datasets:
+            raise DataError(f"the {name} split is empty: add cases or change data.split_fractions / splits.json")
+        rank, world = self._dist()
+        ds = self.datasets[name]
+        return DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds), rank, world),
+                          num_workers=self.num_workers, collate_fn=list_data_collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def eval_dataset_len(self, name: str) -> int:
+        return len(self.datasets[name]) if name in self.datasets else 0
+
+    def steps_per_epoch(self) -> int:
+        _, world = self._dist()
+        return max(1, math.floor(self.samples_per_epoch / (self.batch_size * world)))

@@ -1,0 +1,169 @@
+"""MONAI preprocessing and augmentation pipelines, one builder for 2D images and 3D volumes.
+
+The deterministic part (load, label encoding, orientation, resampling, normalisation, padding) is
+cached; the random part (foreground-weighted patches, flips, intensity and colour jitter) runs
+every epoch. Validation and test use the deterministic part only and keep whole images/volumes
+for sliding-window inference.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.data.image_reader import NibabelReader, PILReader
+
+from diffseg.data.errors import DataError
+from diffseg.data.labels import LabelMap
+
+IMAGE_SUFFIXES_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+class EncodeLabelsd(mt.MapTransform):
+    """Map raw label values to contiguous class indices through an explicit LabelMap.
+
+    A value outside the map stops with a DataError naming the label file.
+    """
+
+    def __init__(self, keys: KeysCollection, label_map: LabelMap):
+        super().__init__(keys)
+        self.label_map = label_map
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            arr = d[key]
+            source = _source_name(arr)
+            values = arr.numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+            # gray masks stored as RGB(A) PNG: keep the first channel
+            if values.ndim >= 3 and values.shape[0] > 1:
+                values = values[:1]
+            encoded = self.label_map.encode(np.rint(values).astype(np.int64), source=source)
+            tensor = torch.as_tensor(encoded, dtype=torch.int64)
+            d[key] = MetaTensor(tensor, meta=arr.meta) if isinstance(arr, MetaTensor) else tensor
+        return d
+
+
+class CheckedLoadImaged(mt.LoadImaged):
+    """LoadImaged that turns an unreadable file into one DataError naming the file."""
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as err:  # noqa: BLE001 - re-raised with the file name
+            files = {k: data.get(k) for k in self.keys if k in data}
+            raise DataError(f"cannot read {files}: {type(err).__name__}: {err}") from err
+
+
+class ToFloatImaged(mt.MapTransform):
+    """Images as float32 (PNG loads as uint8)."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = d[key].float()
+        return d
+
+
+def _source_name(arr) -> str:
+    meta = getattr(arr, "meta", None) or {}
+    name = meta.get("filename_or_obj", "<label>")
+    return str(name[0] if isinstance(name, (list, tuple)) else name)
+
+
+def _reader(spatial_dims: int):
+    # PNG/TIF/JPG through PIL without MONAI's default axis reversal, so that saved predictions
+    # line up with the original files; NIfTI through nibabel.
+    return PILReader(reverse_indexing=False) if spatial_dims == 2 else NibabelReader()
+
+
+def deterministic_transforms(
+    *,
+    spatial_dims: int,
+    label_map: LabelMap,
+    patch_size: Sequence[int],
+    has_label: bool = True,
+    extra_label_keys: Sequence[str] = (),
+    target_spacing: Sequence[float] | None = None,
+    orientation: str | None = "RAS",
+    resize: Sequence[int] | None = None,
+) -> list:
+    """Load + encode + orient + resample + normalise + pad: the cached part of every pipeline."""
+    label_keys = (["label"] if has_label else []) + list(extra_label_keys)
+    keys = ["image", *label_keys]
+    ts: list = [
+        CheckedLoadImaged(keys=keys, reader=_reader(spatial_dims), image_only=True, ensure_channel_first=True),
+        ToFloatImaged(keys="image"),
+    ]
+    if label_keys:
+        ts.append(EncodeLabelsd(keys=label_keys, label_map=label_map))
+    if spatial_dims == 3 and orientation:
+        ts.append(mt.Orientationd(keys=keys, axcodes=orientation))
+    if target_spacing is not None:
+        modes = ["bilinear"] + ["nearest"] * len(label_keys)
+        ts.append(mt.Spacingd(keys=keys, pixdim=tuple(target_spacing), mode=modes))
+    if resize is not None:
+        modes = ["area"] + ["nearest"] * len(label_keys)
+        ts.append(mt.Resized(keys=keys, spatial_size=tuple(resize), mode=modes))
+    # per-channel z-score; 3D MR uses brain voxels only (zeros are outside the head)
+    ts.append(mt.NormalizeIntensityd(keys="image", nonzero=spatial_dims == 3, channel_wise=True))
+    ts.append(mt.SpatialPadd(keys=keys, spatial_size=tuple(patch_size)))
+    ts.append(mt.EnsureTyped(keys=keys, track_meta=True))
+    return ts
+
+
+def random_transforms(
+    *,
+    spatial_dims: int,
+    patch_size: Sequence[int],
+    has_label: bool = True,
+    extra_label_keys: Sequence[str] = (),
+    foreground_ratio: float = 0.5,
+    augment: bool = True,
+    rotate_degrees: float = 0.0,
+    scale_range: float = 0.0,
+    color_jitter: float = 0.0,
+) -> list:
+    """Random patch + augmentation, applied after the cache every epoch.
+
+    ``foreground_ratio`` of the patches are centred on a foreground voxel (MONAI's
+    RandCropByPosNegLabeld), the rest anywhere. Rotations and scaling are affine (nnU-Net/SegDiff
+    style); ``color_jitter`` scales/shifts each channel's intensity and contrast.
+    """
+    label_keys = (["label"] if has_label else []) + list(extra_label_keys)
+    keys = ["image", *label_keys]
+    ts: list = []
+    if has_label and foreground_ratio > 0:
+        ts.append(
+            mt.RandCropByPosNegLabeld(
+                keys=keys, label_key="label", spatial_size=tuple(patch_size),
+                pos=foreground_ratio, neg=1.0 - foreground_ratio, num_samples=1,
+                image_key="image", image_threshold=-np.inf, allow_smaller=False,
+            )
+        )
+    else:
+        ts.append(mt.RandSpatialCropd(keys=keys, roi_size=tuple(patch_size), random_size=False))
+    if not augment:
+        return ts
+    for axis in range(spatial_dims):
+        ts.append(mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=axis))
+    if spatial_dims == 2:
+        ts.append(mt.RandRotate90d(keys=keys, prob=0.5, max_k=3))
+    if rotate_degrees > 0 or scale_range > 0:
+        angle = float(np.deg2rad(rotate_degrees))
+        ts.append(
+            mt.RandAffined(
+                keys=keys, prob=0.3,
+                rotate_range=[angle] * (1 if spatial_dims == 2 else 3),
+                scale_range=[scale_range] * spatial_dims,
+                mode=["bilinear"] + ["nearest"] * len(label_keys), padding_mode="zeros",
+            )
+        )
+    if color_jitter > 0:
+        ts.append(mt.RandScaleIntensityd(keys="image", factors=color_jitter, prob=0.5, channel_wise=True))
+        ts.append(mt.RandShiftIntensityd(keys="image", offsets=color_jitter, prob=0.5, channel_wise=True))
+        ts.append(mt.RandAdjustContrastd(keys="image", gamma=(1 - color_jitter, 1 + color_jitter), prob=0.3))
+    return ts

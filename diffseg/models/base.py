@@ -1,0 +1,238 @@
+"""Shared LightningModule: evaluation, the predictor hook, logging, plots, saving, optimisation.
+
+Models differ only in what differs: ``training_loss`` and ``predict_window`` (how a window is
+turned into class probabilities). Everything else lives here once:
+- validation/test run whole images/volumes through ``inference.window.sliding_window_predict``,
+  with a generator seeded per case (diffusion models are reproducible);
+- every named output of the predictor is scored (``score_case``); the ``final`` output gives the
+  reported metrics, others are logged under their prefix (``step/3/dice``, ``samples/4/iou``, ...);
+- per-case records are gathered over DDP ranks and de-duplicated by case id, so a ``ddp`` run
+  reports exactly what a single-process run reports.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from diffseg.inference.window import sliding_window_predict
+from diffseg.metrics.scoring import aggregate, score_case
+from diffseg.utils.errors import TrainingDiverged
+from diffseg.utils.outputs import save_panel_grid, save_prediction_file
+
+FINAL = "final"
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps`` (reference schedule)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class SegmentationModule(L.LightningModule):
+    """Base class. Subclasses implement ``training_loss(batch)`` and ``predict_window(image)``."""
+
+    #: prefix under which each named predictor output is logged; FINAL is the reported one
+    output_prefixes: Mapping[str, str] = {FINAL: ""}
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        num_classes: int,
+        spatial_dims: int,
+        regions: Mapping[str, Sequence[int]],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        roi_size: Sequence[int],
+        warmup_steps: int = 100,
+        total_steps: int = 10000,
+        min_lr_ratio: float = 0.0,
+        overlap: float = 0.5,
+        sw_batch_size: int = 1,
+        window_progress: bool = False,
+        surface_metrics: str = "final",
+        nsd_tolerance: float = 1.0,
+        num_plot_cases: int = 4,
+        save_predictions: bool = False,
+        output_dir: str | None = None,
+        seed: int = 0,
+        compile: bool = False,
+        monitor: str = "dice",
+    ):
+        super().__init__()
+        if surface_metrics not in ("final", "all", "none"):
+            raise ValueError(f"model.surface_metrics: expected final | all | none, got {surface_metrics!r}")
+        self.net = torch.compile(net) if compile else net
+        self.num_classes = int(num_classes)
+        self.spatial_dims = int(spatial_dims)
+        self.regions = {str(k): [int(i) for i in v] for k, v in dict(regions).items()}
+        self.optimizer_factory = optimizer
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = int(warmup_steps), int(total_steps), min_lr_ratio
+        self.overlap, self.sw_batch_size, self.window_progress = overlap, int(sw_batch_size), window_progress
+        self.surface_metrics, self.nsd_tolerance = surface_metrics, float(nsd_tolerance)
+        self.num_plot_cases = int(num_plot_cases)
+        self.save_predictions = bool(save_predictions)
+        self.output_dir = output_dir
+        self.seed = int(seed)
+        self.monitor = monitor
+        self._records: dict[str, list[dict]] = {"val": [], "test": []}
+        self._panels: dict[str, list[tuple]] = {"val": [], "test": []}
+        self._case_generator: torch.Generator | None = None
+        self.test_results: dict[str, float] = {}
+        self.test_records: list[dict] = []
+
+    # ------------------------------------------------------------------ subclass API
+    def training_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def predict_window(self, image: torch.Tensor, batch: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """Class probabilities (B, C, *S) for a window, as ``{FINAL: probs, other outputs...}``."""
+        raise NotImplementedError
+
+    def case_generator(self) -> torch.Generator:
+        """The generator of the case being predicted (seeded from the case id)."""
+        if self._case_generator is None:
+            self._case_generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        return self._case_generator
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.training_loss(batch)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}). "
+                "Lower model.optimizer.lr, check the data intensities (scripts/check_data.py), or use "
+                "trainer.precision=32; the last good checkpoint is checkpoints/last.ckpt."
+            )
+        bs = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameters())
+        schedule = partial(warmup_cosine, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                           min_ratio=self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def predict_case(self, image: torch.Tensor, case_id: str, batch: Mapping[str, Any] | None = None):
+        """Whole image/volume -> dict of stitched outputs (1, C, *S). Noise seeded per case."""
+        seed = (self.seed * 1_000_003 + zlib.crc32(case_id.encode())) % (2**63)
+        self._case_generator = torch.Generator(device=image.device).manual_seed(seed)
+        fn = partial(self.predict_window, batch=batch)
+        return sliding_window_predict(fn, image, self.roi_size, overlap=self.overlap,
+                                      sw_batch_size=self.sw_batch_size, progress=self.window_progress)
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, "test")
+
+    def _spacing(self, image) -> tuple[float, ...]:
+        affine = getattr(image, "affine", None)
+        if affine is None:
+            return (1.0,) * self.spatial_dims
+        affine = torch.as_tensor(affine).reshape(-1, *affine.shape[-2:])[0].double()
+        d = self.spatial_dims
+        return tuple(float(v) for v in affine[:d, :d].norm(dim=0))
+
+    def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
+        image, label = batch["image"], batch["label"]
+        if image.shape[0] != 1:
+            raise ValueError("evaluation runs one whole image/volume per batch (batch_size=1)")
+        case_id = str(batch["case_id"][0])
+        outputs = self.predict_case(image, case_id, batch)
+        spacing = self._spacing(image)
+        target = label[0, 0].long()
+        for name, prefix in self.output_prefixes.items():
+            if name not in outputs:
+                continue
+            surface = self.surface_metrics == "all" or (self.surface_metrics == "final" and name == FINAL)
+            rec = score_case(outputs[name][0].float(), target, self.regions, spacing, surface=surface,
+                             nsd_tolerance=self.nsd_tolerance)
+            rec.update(case_id=case_id, _output=name)
+            self._records[stage].append(rec)
+        global_index = batch_idx * self.trainer.world_size + self.trainer.global_rank
+        if global_index < self.num_plot_cases:
+            self._panels[stage].append((global_index, case_id, *self._panel(image, target, outputs[FINAL])))
+        if stage == "test" and self.save_predictions and self.output_dir:
+            self.save_case_outputs(case_id, outputs, image)
+
+    def _panel(self, image, target, probs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Middle slice (3D: along the last axis) of image channel 0, ground truth, prediction."""
+        img = image[0, 0].float().cpu().numpy()
+        gt = target.cpu().numpy()
+        pred = probs[0].argmax(0).cpu().numpy()
+        if self.spatial_dims == 3:
+            z = int(np.argmax((gt > 0).sum(axis=(0, 1)))) if gt.any() else gt.shape[-1] // 2
+            img, gt, pred = img[..., z], gt[..., z], pred[..., z]
+        return img, gt.astype(np.uint8), pred.astype(np.uint8)
+
+    def save_case_outputs(self, case_id: str, outputs: Mapping[str, torch.Tensor], image) -> None:
+        """Predicted class map as PNG (2D) or NIfTI with the image affine (3D) in DIR/predictions/.
+
+        Each case is written by the one rank that scored it (no two ranks write one file)."""
+        pred = outputs[FINAL][0].argmax(0).cpu().numpy().astype(np.uint8)
+        affine = getattr(image, "affine", None)
+        affine = None if affine is None else torch.as_tensor(affine).reshape(-1, 4, 4)[0].numpy() \
+            if self.spatial_dims == 3 else None
+        save_prediction_file(Path(self.output_dir) / "predictions", case_id, pred, self.num_classes, affine)
+
+    def _gather(self, items: list) -> list:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, items)
+            return [x for part in gathered for x in part]
+        return list(items)
+
+    def _finish(self, stage: str) -> dict[str, float]:
+        records = self._gather(self._records[stage])
+        panels = self._gather(self._panels[stage])
+        self._records[stage], self._panels[stage] = [], []
+        # one record per (case, output): de-duplicate in case a sampler repeated a case
+        records = list({(r["case_id"], r["_output"]): r for r in records}.values())
+        results: dict[str, float] = {}
+        for name, prefix in self.output_prefixes.items():
+            agg = aggregate(r for r in records if r["_output"] == name)
+            results.update({f"{prefix}{k}": v for k, v in agg.items()})
+        if results:
+            logged = {f"{stage}/{k}": v for k, v in results.items()}
+            self.log_dict(logged, sync_dist=False, rank_zero_only=False)
+        if self.trainer.is_global_zero and panels and self.output_dir:
+            panels.sort(key=lambda p: p[0])
+            path = Path(self.output_dir) / "plots" / f"{stage}.png"  # latest validation / the test panels
+            save_panel_grid(path, panels)
+            self._log_image(f"{stage}/panels", path)
+        if stage == "test":
+            self.test_results = {f"test/{k}": v for k, v in results.items()}
+            self.test_records = records
+        return results
+
+    def _log_image(self, key: str, path: Path) -> None:
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                try:
+                    logger.log_image(key=key, images=[str(path)], step=self.global_step)
+                except Exception:  # noqa: BLE001 - a logger without image support must not stop a run
+                    pass
+
+    def on_validation_epoch_end(self):
+        self._finish("val")
+
+    def on_test_epoch_end(self):
+        self._finish("test")

@@ -1,0 +1,171 @@
+"""Build the datamodule, the model and the trainer from a composed config; train, test, write outputs.
+
+scripts/fit.py is a thin Hydra entry point around ``fit``. Outputs of a run in DIR
+(``hydra.run.dir``): config.yaml (resolved), splits.json, checkpoints/{best,last}.ckpt,
+metrics.json (test metrics of the best checkpoint), test_cases.csv, csv/ logs, wandb/, plots/.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffseg.data.datamodule import SegDataModule
+from diffseg.metrics.scoring import scalar_view
+from diffseg.utils.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
+from diffseg.utils.errors import ConfigError
+from diffseg.utils.outputs import atomic_write_text, write_json
+
+log = logging.getLogger("diffseg")
+
+DATA_INFO_KEYS = ("spatial_dims", "in_channels", "num_classes", "class_names", "regions")
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and \
+        int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def build_datamodule(cfg: DictConfig) -> SegDataModule:
+    """Instantiate ``cfg.data`` and fill the data-set description keys that were left null, so that
+    model configs can interpolate ``${data.in_channels}`` and friends."""
+    dm: SegDataModule = instantiate(cfg.data, _convert_="all")
+    with open_dict(cfg):
+        for key in DATA_INFO_KEYS:
+            if cfg.data.get(key) is None:
+                value = getattr(dm, key)
+                cfg.data[key] = list(value) if isinstance(value, tuple) else value
+    return dm
+
+
+def build_model(cfg: DictConfig) -> L.LightningModule:
+    for key in ("spatial_dims", "in_channels", "num_classes"):
+        if cfg.data.get(key) is None:
+            raise ConfigError(f"data.{key} is unknown: build the datamodule first (diffseg.run.build_datamodule)")
+    return instantiate(cfg.model, _convert_="all")
+
+
+def _wandb_id(out_dir: Path, resume: bool) -> str:
+    """One W&B run per output directory: a resumed run continues the same W&B run."""
+    path = out_dir / ".wandb_id"
+    if resume and path.is_file():
+        return path.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    if is_rank_zero():
+        atomic_write_text(path, run_id)
+    return run_id
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
+    loggers = []
+    for name, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None:
+            continue
+        kwargs: dict[str, Any] = {}
+        if "wandb" in str(lcfg.get("_target_", "")).lower():
+            kwargs["id"] = _wandb_id(out_dir, bool(cfg.resume))
+        loggers.append(instantiate(lcfg, **kwargs))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, *, loggers: list | None = None, training: bool = True) -> L.Trainer:
+    callbacks: list = [ConfigInCheckpoint(cfg)]
+    if training:
+        ckpt_dir = out_dir / "checkpoints"
+        monitor = f"val/{cfg.model.get('monitor', 'dice')}"
+        callbacks += [
+            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_top_k=1,
+                            enable_version_counter=False, auto_insert_metric_name=False),
+            ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=int(cfg.checkpoint_every),
+                            save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True),
+        ]
+        if loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+    for ccfg in (cfg.get("callbacks") or {}).values():
+        if ccfg is not None:
+            callbacks.append(instantiate(ccfg))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False,
+                       plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir), _convert_="all")
+
+
+def write_test_outputs(model, out_dir: Path) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in sorted(model.test_results.items())}
+    if not is_rank_zero():
+        return metrics
+    write_json(out_dir / "metrics.json", metrics)
+    rows = [{"output": r["_output"], **scalar_view(r)} for r in model.test_records]
+    if rows:
+        keys = ["case_id", "output"] + sorted({k for r in rows for k in r} - {"case_id", "output"})
+        path = out_dir / "test_cases.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys, restval="")
+            writer.writeheader()
+            writer.writerows(sorted(rows, key=lambda r: (r["output"], r["case_id"])))
+    return metrics
+
+
+def format_table(metrics: dict[str, float], title: str = "test metrics (best checkpoint)") -> str:
+    width = max([len(k) for k in metrics] + [len(title)])
+    lines = [title, "-" * (width + 12)]
+    lines += [f"{k:<{width}}  {v:>10.4f}" for k, v in metrics.items()]
+    return "\n".join(lines)
+
+
+def fit(cfg: DictConfig) -> dict[str, float]:
+    """Train, then test the best checkpoint. Returns the test metrics (also in DIR/metrics.json)."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True)
+    torch.set_float32_matmul_precision("high")
+
+    dm = build_datamodule(cfg)
+    if cfg.check_data not in ("off", "fast", "full"):
+        raise ConfigError(f"check_data: expected off | fast | full, got {cfg.check_data!r}")
+    if cfg.check_data != "off":
+        dm.check(fast=cfg.check_data == "fast")
+    model = build_model(cfg)
+    if is_rank_zero():
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        dm.write_splits(out_dir)
+
+    last = out_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = None
+    if cfg.resume:
+        if last.is_file():
+            ckpt_path = str(last)
+            log.info("resuming from %s", last)
+        else:
+            log.warning("resume=true but %s does not exist: starting a new run", last)
+
+    loggers = build_loggers(cfg, out_dir)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = build_trainer(cfg, out_dir, loggers=loggers)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    test_ckpt = best if best and Path(best).is_file() else (str(last) if last.is_file() else None)
+    trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
+    metrics = write_test_outputs(model, out_dir)
+    if is_rank_zero() and trainer.is_global_zero:
+        print(format_table(metrics, f"test metrics ({Path(test_ckpt).name if test_ckpt else 'final weights'})"))
+    for logger in loggers:
+        if hasattr(logger, "experiment") and hasattr(logger, "finalize"):
+            logger.finalize("success")
+    return metrics
+
+
+@rank_zero_only
+def print_rank_zero(text: str) -> None:
+    print(text)

@@ -1,0 +1,74 @@
+"""Files a run writes: panels of image / ground truth / prediction, predicted masks, atomic files."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write via a temporary file in the same folder and ``os.replace``: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_panel_grid(path: str | os.PathLike, panels: Sequence[tuple]) -> Path:
+    """One row per case: image, ground truth, prediction (middle slice for 3D)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(len(panels), 3, figsize=(7.5, 2.5 * len(panels)), squeeze=False)
+    vmax = max(int(max(p[3].max(), p[4].max())) for p in panels) or 1
+    for row, (_, case_id, img, gt, pred) in zip(axes, panels):
+        for ax, arr, title in zip(row, (img, gt, pred), ("image", "ground truth", "prediction")):
+            ax.imshow(arr.T if arr.ndim == 2 else arr, cmap="gray" if title == "image" else "viridis",
+                      vmin=None if title == "image" else 0, vmax=None if title == "image" else vmax,
+                      origin="lower" if img.ndim == 2 and gt.ndim == 2 and False else "upper")
+            ax.set_title(f"{case_id}: {title}" if title == "image" else title, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def save_prediction_file(directory: str | os.PathLike, case_id: str, pred: np.ndarray, num_classes: int,
+                         affine: np.ndarray | None = None) -> Path:
+    """A predicted class map: PNG for 2D (binary as 0/255, else class ids), NIfTI for 3D."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if pred.ndim == 2:
+        from PIL import Image
+
+        arr = (pred > 0).astype(np.uint8) * 255 if num_classes == 2 else pred.astype(np.uint8)
+        path = directory / f"{case_id}.png"
+        tmp = directory / f".{case_id}.png.tmp"
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        return path
+    import nibabel as nib
+
+    path = directory / f"{case_id}.nii.gz"
+    tmp = directory / f".{case_id}.tmp.nii.gz"
+    nib.save(nib.Nifti1Image(pred.astype(np.uint8), affine if affine is not None else np.eye(4)), tmp)
+    os.replace(tmp, path)
+    return path

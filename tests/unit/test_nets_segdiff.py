@@ -1,0 +1,141 @@
+"""RRDB image encoder and SegDiff denoiser (methods.md §2)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffseg.nets import RRDB, DenseBlock, RRDBEncoder, SegDiffDenoiser, TimeUNet
+
+torch.set_num_threads(1)
+
+SMALL_UNET = dict(channels=(8, 16), norm_groups=8)
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _zero_last_convs(module: nn.Module) -> None:
+    with torch.no_grad():
+        for block in module.modules():
+            if isinstance(block, DenseBlock):
+                block.convs[-1].weight.zero_()
+                block.convs[-1].bias.zero_()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_rrdb_encoder_shapes(dims):
+    torch.manual_seed(0)
+    enc = RRDBEncoder(dims, 3, 8, num_blocks=1, features=8, growth=4)
+    x = torch.randn(2, 3, *([6] * dims))
+    assert enc(x).shape == (2, 8, *([6] * dims))
+    assert RRDBEncoder(dims, 3, 5, num_blocks=0, features=8)(x).shape == (2, 5, *([6] * dims))
+
+
+def test_dense_block_structure():
+    torch.manual_seed(0)
+    block = DenseBlock(2, features=6, growth=4)
+    widths = [(c.in_channels, c.out_channels) for c in block.convs]
+    assert widths == [(6, 4), (10, 4), (14, 4), (18, 4), (22, 6)]
+    x = torch.randn(1, 6, 5, 5)
+    # closed form of ESRGAN's ResidualDenseBlock_5C
+    act = lambda z: F.leaky_relu(z, 0.2)  # noqa: E731
+    x1 = act(block.convs[0](x))
+    x2 = act(block.convs[1](torch.cat([x, x1], 1)))
+    x3 = act(block.convs[2](torch.cat([x, x1, x2], 1)))
+    x4 = act(block.convs[3](torch.cat([x, x1, x2, x3], 1)))
+    x5 = block.convs[4](torch.cat([x, x1, x2, x3, x4], 1))
+    torch.testing.assert_close(block(x), x + 0.2 * x5)
+
+
+def test_rrdb_residual_scaling():
+    torch.manual_seed(0)
+    rrdb = RRDB(2, features=6, growth=4)
+    x = torch.randn(2, 6, 5, 5)
+    assert not torch.allclose(rrdb(x), 1.2 * x)
+    _zero_last_convs(rrdb)  # every dense block becomes the identity
+    # RRDB(x) = x + 0.2 * RDB3(RDB2(RDB1(x))) = x + 0.2 x
+    torch.testing.assert_close(rrdb(x), 1.2 * x)
+
+
+def test_rrdb_encoder_long_skip_and_input_dependence():
+    torch.manual_seed(0)
+    enc = RRDBEncoder(2, 3, 4, num_blocks=2, features=6, growth=4)
+    x = torch.randn(1, 3, 8, 8)
+    assert (enc(x) - enc(x + 0.1 * torch.randn_like(x))).abs().max() > 1e-4
+    with torch.no_grad():
+        enc.trunk_conv.weight.zero_()
+        enc.trunk_conv.bias.zero_()
+    # with the trunk silenced the encoder is conv_out(LeakyReLU(conv_in(x)))
+    ref = enc.conv_out(F.leaky_relu(enc.conv_in(x), 0.2))
+    torch.testing.assert_close(enc(x), ref)
+
+
+def test_rrdb_param_count_grows_per_block():
+    one = _n_params(RRDB(2, features=8, growth=4))
+    base = _n_params(RRDBEncoder(2, 3, 4, num_blocks=0, features=8, growth=4))
+    for n in (1, 3):
+        assert _n_params(RRDBEncoder(2, 3, 4, num_blocks=n, features=8, growth=4)) - base == n * one
+    with pytest.raises(ValueError, match="num_blocks"):
+        RRDBEncoder(2, 3, 4, num_blocks=-1)
+
+
+def _denoiser(conditioning, dims=2):
+    return SegDiffDenoiser(
+        dims, image_channels=3, mask_channels=1, conditioning=conditioning,
+        rrdb_blocks=1, rrdb_features=8, rrdb_growth=4, unet=SMALL_UNET,
+    )
+
+
+@pytest.mark.parametrize("conditioning,unet_in", [("sum", 8), ("concat", 16), ("none", 4)])
+def test_conditioning_variants(conditioning, unet_in):
+    torch.manual_seed(0)
+    net = _denoiser(conditioning)
+    assert net.unet.in_channels == unet_in
+    x_t, image = torch.randn(2, 1, 8, 8), torch.randn(2, 3, 8, 8, requires_grad=True)
+    out = net(x_t, image, torch.tensor([1.0, 50.0]))
+    assert out.shape == (2, 1, 8, 8)
+    out.square().mean().backward()
+    assert image.grad.abs().sum() > 0  # the image conditions the prediction
+    if conditioning == "none":
+        assert net.image_encoder is None and net.mask_encoder is None
+        assert net.unet.conv_in.weight.grad.abs().sum() > 0
+    else:
+        for name, p in net.image_encoder.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert net.mask_encoder.weight.grad.abs().sum() > 0
+
+
+def test_sum_is_f_plus_g():
+    torch.manual_seed(0)
+    net = _denoiser("sum")
+    x_t, image, t = torch.randn(1, 1, 8, 8), torch.randn(1, 3, 8, 8), torch.tensor([3.0])
+    ref = net.unet(net.mask_encoder(x_t) + net.image_encoder(image), t)  # h = F(x_t) + G(I)
+    torch.testing.assert_close(net(x_t, image, t), ref)
+    assert net.mask_encoder.kernel_size == (3, 3) and net.mask_encoder.out_channels == 8
+
+
+def test_denoiser_3d_runs():
+    torch.manual_seed(0)
+    net = _denoiser("sum", dims=3)
+    out = net(torch.randn(1, 1, 4, 8, 8), torch.randn(1, 3, 4, 8, 8), torch.tensor([2.0]))
+    assert out.shape == (1, 1, 4, 8, 8)
+
+
+def test_denoiser_errors():
+    with pytest.raises(ValueError, match=r"\('sum', 'concat', 'none'\)"):
+        _denoiser("add")
+    with pytest.raises(ValueError, match="in_channels"):
+        SegDiffDenoiser(2, 3, unet=dict(in_channels=4))
+    net = _denoiser("sum")
+    with pytest.raises(ValueError, match="spatial"):
+        net(torch.randn(1, 1, 8, 8), torch.randn(1, 3, 16, 16), torch.tensor([1.0]))
+
+
+def test_unet_kwargs_forwarded():
+    net = SegDiffDenoiser(2, 3, rrdb_blocks=0, rrdb_features=8,
+                          unet=dict(channels=(16, 32), upsample="nearest", activation="silu"))
+    assert isinstance(net.unet, TimeUNet)
+    assert net.unet.level_channels == [16, 32]
+    assert net.image_encoder.conv_out.out_channels == 16
