@@ -29,6 +29,10 @@ log = logging.getLogger("diffseg")
 
 DATA_INFO_KEYS = ("spatial_dims", "in_channels", "num_classes", "class_names", "regions")
 
+# ${sum:a,b,...} in configs, e.g. a denoiser's input width = image channels + mask channels
+if not OmegaConf.has_resolver("sum"):
+    OmegaConf.register_new_resolver("sum", lambda *values: sum(values))
+
 
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and \
@@ -169,3 +173,40 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 @rank_zero_only
 def print_rank_zero(text: str) -> None:
     print(text)
+
+
+def load_model(ckpt_path: str | os.PathLike, overrides: DictConfig | dict | None = None):
+    """(model, run config) rebuilt from a checkpoint alone; ``overrides`` are merged into its config
+    (e.g. other sampling steps, another data root) before the model is built."""
+    from diffseg.utils.checkpoint import read_checkpoint
+
+    ckpt, cfg = read_checkpoint(ckpt_path)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, overrides)
+    model = instantiate(cfg.model, _convert_="all")
+    state = ckpt["state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("diffusion")]:
+        raise ConfigError(f"ckpt={ckpt_path}: weights do not fit the model (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+    return model, cfg
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test a checkpoint (``cfg.ckpt``) on the test split of its data set (or of ``data`` overrides):
+    writes metrics.json / test_cases.csv / plots into the run directory, prints the table."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overrides = OmegaConf.to_container(cfg.overrides, resolve=True) if cfg.get("overrides") is not None else {}
+    overrides.setdefault("model", {})["output_dir"] = str(out_dir)
+    model, run_cfg = load_model(cfg.ckpt, overrides)
+    with open_dict(run_cfg):
+        run_cfg.paths.output_dir = str(out_dir)
+        run_cfg.trainer = cfg.trainer  # evaluation hardware is chosen now (trainer=cpu|gpu|ddp...)
+    dm = build_datamodule(run_cfg)
+    trainer = build_trainer(run_cfg, out_dir, loggers=[], training=False)
+    trainer.test(model, datamodule=dm, verbose=False)
+    metrics = write_test_outputs(model, out_dir)
+    if is_rank_zero() and trainer.is_global_zero:
+        print(format_table(metrics, f"test metrics ({Path(cfg.ckpt).name})"))
+    return metrics

@@ -146,6 +146,7 @@ class SegDataModule(L.LightningDataModule):
         class_names: Sequence[str] | None = None,
         regions: dict[str, Sequence[int]] | None = None,
         train_transforms: Sequence[Callable] = (),
+        eval_transforms: Sequence[Callable] = (),
     ):
         super().__init__()
         if cache not in ("memory", "disk", "none"):
@@ -170,7 +171,10 @@ class SegDataModule(L.LightningDataModule):
         self.target_spacing = tuple(target_spacing) if target_spacing is not None else None
         self.resize = tuple(resize) if resize is not None else None
         self._regions = {str(k): [int(i) for i in v] for k, v in regions.items()} if regions else None
+        # model-specific additions, e.g. SegRefiner's coarse masks: random ones after the training
+        # crop, deterministic (cached) ones for validation/test
         self.extra_train_transforms = list(train_transforms)
+        self.extra_eval_transforms = list(eval_transforms)
         self._expected = dict(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes)
         self._expected_names = list(class_names) if class_names is not None else None
         self._info = None
@@ -288,6 +292,8 @@ class SegDataModule(L.LightningDataModule):
             if stage in ("test", "validate", "predict") and name == "train":
                 continue
             det = deterministic_transforms(**common)
+            if name != "train":
+                det = det + self.extra_eval_transforms
             ds = self._cached(self._records(splits[name], with_coarse), mt.Compose(det), name)
             if name == "train":
                 rnd = random_transforms(spatial_dims=info.spatial_dims, patch_size=self.patch_size,

@@ -24,7 +24,8 @@ from diffseg.data.formats.brats import brats_file_names
 from diffseg.data.labels import brats_label_map
 
 MARKER = ".diffseg_synthetic.json"
-FORMAT_VERSION = 1
+# bump a generator's version whenever its output changes, so that old data sets are not reused
+VERSIONS = {"write_shapes2d": 1, "write_brats_synthetic": 2, "write_msd_synthetic": 1}
 
 
 # ----------------------------------------------------------------------------- atomic, idempotent writes
@@ -43,6 +44,10 @@ def _is_done(root: Path, record: dict) -> bool:
             found = {"unreadable marker": str(marker)}
         if found == record:
             return True
+        if {**found, "version": record["version"]} == record:
+            raise DataError(f"{root}: holds synthetic data from another version of {record['generator']} "
+                            f"(expected version {record['version']}, found {found.get('version')}); "
+                            f"delete {root} to regenerate it, or change data.root")
         raise DataError(f"{root}: holds synthetic data written with other parameters (expected "
                         f"{record}, found {found}); delete {root} or change data.root")
     if any(root.iterdir()):
@@ -53,7 +58,7 @@ def _is_done(root: Path, record: dict) -> bool:
 
 def _write_once(root, generator: str, params: dict, write: Callable[[Path], None]) -> Path:
     root = Path(root).expanduser().absolute()
-    record = {"generator": generator, "version": FORMAT_VERSION,
+    record = {"generator": generator, "version": VERSIONS[generator],
               "params": json.loads(json.dumps(params))}
     if _is_done(root, record):
         return root
@@ -214,13 +219,13 @@ def brats_sample(rng: np.random.Generator, shape=(48, 48, 48)) -> tuple[dict, np
     f_wt, f_core = (_smooth_field(rng, shape, min(shape) / 5) for _ in range(2))
     need = max(4, int(np.prod(shape)) // 20000)
     for attempt in range(100):  # irregular whole tumour = ED ⊃ core = ET rim around NCR centre
-        radii = min(shape) * rng.uniform(0.14, 0.22, 3) * (1 + attempt / 50)
+        radii = min(shape) * rng.uniform(0.16, 0.25, 3) * (1 + attempt / 50)
         centre = h_centre + rng.uniform(-1, 1, 3) * np.clip(h_axes - radii, 0, None) * 0.6
         d = _ellipsoid_distance(shape, centre, radii, _random_rotation(rng, 3))
         wt = head & (d * (1 + 0.22 * f_wt) < 1)
         d_core = d * (1 + 0.15 * f_core)
-        core = wt & (d_core < rng.uniform(0.55, 0.7))
-        ncr = core & (d_core < rng.uniform(0.28, 0.38))
+        core = ndimage.binary_erosion(wt, iterations=2) & (d_core < rng.uniform(0.6, 0.75))  # ED rim
+        ncr = ndimage.binary_erosion(core) & (d_core < rng.uniform(0.4, 0.5))  # ET rim around it
         lab = np.where(ncr, 1, np.where(core, 3, np.where(wt, 2, 0))).astype(np.uint8)
         if (np.bincount(lab.ravel(), minlength=4)[1:] >= need).all():
             break

@@ -12,6 +12,7 @@ turned into class probabilities). Everything else lives here once:
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,9 @@ from diffseg.utils.errors import TrainingDiverged
 from diffseg.utils.outputs import save_panel_grid, save_prediction_file
 
 FINAL = "final"
+
+# metrics are gathered over ranks by hand (each case once), so Lightning's sync_dist advice does not apply
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -127,11 +131,16 @@ class SegmentationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ prediction
+    def seed_case(self, case_id: str, device) -> torch.Generator:
+        """Seed ``case_generator()`` from the case id (a model overriding predict_case calls this first)."""
+        seed = (self.seed * 1_000_003 + zlib.crc32(case_id.encode())) % (2**63)
+        self._case_generator = torch.Generator(device=device).manual_seed(seed)
+        return self._case_generator
+
     @torch.no_grad()
     def predict_case(self, image: torch.Tensor, case_id: str, batch: Mapping[str, Any] | None = None):
         """Whole image/volume -> dict of stitched outputs (1, C, *S). Noise seeded per case."""
-        seed = (self.seed * 1_000_003 + zlib.crc32(case_id.encode())) % (2**63)
-        self._case_generator = torch.Generator(device=image.device).manual_seed(seed)
+        self.seed_case(case_id, image.device)
         fn = partial(self.predict_window, batch=batch)
         return sliding_window_predict(fn, image, self.roi_size, overlap=self.overlap,
                                       sw_batch_size=self.sw_batch_size, progress=self.window_progress)

@@ -24,7 +24,6 @@ class MSDSource(Source):
     """
 
     title = "MSD"
-    synthetic_hint = "data=msd_synthetic"
     layout = "ROOT/dataset.json, ROOT/imagesTr/*.nii.gz and ROOT/labelsTr/*.nii.gz"
 
     def __init__(self, root) -> None:

@@ -1,0 +1,231 @@
+"""ImgX-DiffSeg: Gaussian diffusion over one-hot masks, x0-prediction, few steps (methods.md §1).
+
+The denoiser is a time-conditioned UNet on ``cat(image, x_t)`` (x_t: the noisy mask, one channel
+per class in [-1, 1] one-hot space) that outputs class logits; x̂0 = 2·softmax(logits) - 1.
+
+Training (``model.diffusion``): the base schedule (T = 1001, linear 1e-4..0.02) is resampled to
+K = ``train_steps`` steps keeping ᾱ at K evenly spaced indices; the loss is Dice + CE on the logits;
+with mask recycling the first pass (no gradient) predicts x̂0 from the TRUE mask noised to t_r, the
+second pass sees x̂0 noised to t and is the only one back-propagated.
+
+Sampling (``model.sampling``): ``base.respace(steps)``, so any step count works with one trained
+network (the network is conditioned on the ORIGINAL timestep index). ``num_samples`` samples of a
+window run as ONE batch and are averaged in probability space. Outputs: ``final``, every step's x̂0
+(``step/1`` .. ``step/S``, ``step/S`` == ``final``) and running means over samples (``samples/n``).
+
+ε-prediction (the ablation, ``prediction: epsilon``, ``loss: mse``): x̂0 is recovered from ε̂, clipped
+to [-1, 1] (also inside the sampler) and mapped to probabilities by p = (x̂0 + 1)/2 normalised over the
+classes (uniform where every class is at -1). For x0-prediction this map returns softmax(logits).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from diffseg.diffusion.gaussian import SAMPLERS, VARIANCES, GaussianDiffusion
+from diffseg.diffusion.schedules import BETA_SCHEDULES, beta_schedule
+from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples
+from diffseg.models.base import FINAL, SegmentationModule
+from diffseg.models.losses import LOSSES, segmentation_loss
+from diffseg.nets.slicewise import SliceWise
+from diffseg.utils.errors import ConfigError
+
+RECYCLING = ("none", "next", "max")
+IMGX_LOSSES = (*LOSSES, "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSettings:
+    """``model.diffusion``: the base schedule and how the network is trained on it."""
+
+    num_steps: int = 1001           # T of the base schedule
+    beta_schedule: str = "linear"   # linear | quadratic | cosine | warmup10 | warmup50
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    train_steps: int = 5            # K: (T-1) must be divisible by (K-1)
+    prediction: str = "x0"          # x0 | epsilon
+    variance: str = "fixed_small"   # fixed_small | fixed_large (reverse-process variance)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """``model.sampling``: how validation/test turn a window into probabilities."""
+
+    steps: int = 5                  # respaced from the base schedule (any 1..T)
+    sampler: str = "ddpm"           # ddpm | ddim
+    num_samples: int = 1            # samples per window, one batch, averaged in probability space
+    eta: float = 0.0                # DDIM noise (0 = deterministic)
+
+
+def _settings(cls, values: Mapping[str, Any] | None, key: str):
+    values = dict(values or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {unknown}; expected some of {names}")
+    return cls(**values)
+
+
+def _choice(value, options, key: str):
+    if value not in options:
+        raise ConfigError(f"{key}: expected one of {' | '.join(map(str, options))}, got {value!r}")
+    return value
+
+
+def _positive_int(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+    return value
+
+
+def probs_from_x0(x0: torch.Tensor) -> torch.Tensor:
+    """x̂0 in [-1, 1] one-hot space (B, C, *S) -> class probabilities: clip, (x + 1)/2, normalise
+    over C (uniform where all classes are at -1). Exact inverse of x̂0 = 2·softmax - 1."""
+    p = (x0.float().clamp(-1.0, 1.0) + 1.0) * 0.5
+    total = p.sum(1, keepdim=True)
+    return torch.where(total > 0, p / total.clamp_min(1e-12), torch.full_like(p, 1.0 / p.shape[1]))
+
+
+class ImgXDiffSeg(SegmentationModule):
+    """ImgX-DiffSeg LightningModule (see the module docstring; the config is experiments/model/imgx.yaml).
+
+    Args:
+        net: denoiser with ``in_channels = image channels + num_classes`` and ``out_channels = num_classes``,
+            called as ``net(x, t)``; a 2D net on 3D data (``data.patch_size=[P, P, 1]``) runs slice-wise.
+        diffusion: ``DiffusionSettings`` keys. sampling: ``SamplingSettings`` keys.
+        loss: dice_ce | dice | ce (on the logits, x0-prediction) | mse (in prediction space; required
+            for ε-prediction).
+        recycling: none | next (t_r = min(t+1, K-1)) | max (t_r = K-1).
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        diffusion: Mapping[str, Any] | None = None,
+        sampling: Mapping[str, Any] | None = None,
+        loss: str = "dice_ce",
+        recycling: str = "next",
+        **kwargs,
+    ):
+        spatial_dims = int(kwargs.get("spatial_dims", 3))
+        net_dims = getattr(net, "spatial_dims", spatial_dims)
+        if net_dims == 2 and spatial_dims == 3:
+            roi = list(kwargs.get("roi_size", []))
+            if not roi or int(roi[-1]) != 1:
+                raise ConfigError(f"a 2D denoiser on 3D data runs slice by slice and needs 2D patches: set "
+                                  f"data.patch_size=[P, P, 1] (got {roi})")
+            net = SliceWise(net)
+        elif net_dims != spatial_dims:
+            raise ConfigError(f"model.net.spatial_dims={net_dims} does not fit {spatial_dims}D data")
+        super().__init__(net=net, **kwargs)
+        self.settings = _settings(DiffusionSettings, diffusion, "model.diffusion")
+        s = self.settings
+        _choice(s.prediction, ("x0", "epsilon"), "model.diffusion.prediction")
+        _choice(s.beta_schedule, BETA_SCHEDULES, "model.diffusion.beta_schedule")
+        _choice(s.variance, VARIANCES, "model.diffusion.variance")
+        self.loss_name = _choice(loss, IMGX_LOSSES, "model.loss")
+        if s.prediction == "epsilon" and loss != "mse":
+            raise ConfigError(f"model.diffusion.prediction=epsilon is trained with MSE on ε: set model.loss=mse "
+                              f"(got model.loss={loss!r}; or use +ablation=imgx_eps)")
+        self.recycling = _choice(recycling, RECYCLING, "model.recycling")
+        self.seg_loss = segmentation_loss(loss) if loss != "mse" else None
+        try:
+            betas = beta_schedule(s.beta_schedule, _positive_int(s.num_steps, "model.diffusion.num_steps"),
+                                  s.beta_start, s.beta_end)
+        except ValueError as err:
+            raise ConfigError(f"model.diffusion: {err}") from err
+        # ε-prediction: x̂0 = (x_t - sqrt(1-ᾱ)ε̂)/sqrt(ᾱ) is unbounded, so it is clipped to [-1, 1]
+        self.base = GaussianDiffusion(betas, prediction=s.prediction, variance=s.variance,
+                                      clip_x0=s.prediction == "epsilon")
+        self.train_process = self._respace(s.train_steps, exact=True, key="model.diffusion.train_steps")
+        self.configure_sampling(**(sampling or {}))
+
+    # ------------------------------------------------------------------ schedules
+    def _respace(self, k, exact: bool, key: str) -> GaussianDiffusion:
+        _positive_int(k, key)
+        try:
+            return self.base.respace(k, exact=exact)
+        except ValueError as err:
+            raise ConfigError(f"{key}={k}: {err}") from err
+
+    def configure_sampling(self, **values) -> SamplingSettings:
+        """Set (some of) ``model.sampling``; works on a trained model (no retraining needed)."""
+        current = dataclasses.asdict(getattr(self, "sampling", SamplingSettings()))
+        sampling = _settings(SamplingSettings, {**current, **values}, "model.sampling")
+        _choice(sampling.sampler, SAMPLERS, "model.sampling.sampler")
+        _positive_int(sampling.num_samples, "model.sampling.num_samples")
+        if not float(sampling.eta) >= 0:
+            raise ConfigError(f"model.sampling.eta: expected >= 0, got {sampling.eta!r}")
+        self.sample_process = self._respace(sampling.steps, exact=False, key="model.sampling.steps")
+        self.sampling = sampling
+        return sampling
+
+    @property
+    def output_prefixes(self) -> dict[str, str]:
+        names = [FINAL] + [f"step/{i}" for i in range(1, self.sampling.steps + 1)]
+        if self.sampling.num_samples > 1:
+            names += [f"samples/{n}" for n in range(1, self.sampling.num_samples + 1)]
+        return {name: "" if name == FINAL else f"{name}/" for name in names}
+
+    # ------------------------------------------------------------------ network
+    def denoise(self, image: torch.Tensor, x_t: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
+        """Network output in prediction space: x̂0 = 2·softmax(logits) - 1, or ε̂ (float32)."""
+        out = self.net(torch.cat([image, x_t.to(image.dtype)], dim=1), t_model).float()
+        return 2.0 * torch.softmax(out, dim=1) - 1.0 if self.settings.prediction == "x0" else out
+
+    def recycle_step(self, t: torch.Tensor) -> torch.Tensor:
+        """t_r of mask recycling: min(t+1, K-1) (next) or K-1 (max)."""
+        k = self.train_process.num_steps
+        return (t + 1).clamp(max=k - 1) if self.recycling == "next" else torch.full_like(t, k - 1)
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, batch):
+        image, label = batch["image"], batch["label"]
+        t = torch.randint(0, self.train_process.num_steps, (image.shape[0],), device=image.device)
+        shape = (image.shape[0], self.num_classes, *image.shape[2:])
+        noise, noise_r = (torch.randn(shape, device=image.device) for _ in range(2))
+        return self.loss_terms(image, label, t, noise, noise_r)
+
+    def loss_terms(self, image, label, t, noise, noise_r):
+        """The training loss for given draws (t (B,), noise for x_t, noise for x_{t_r})."""
+        proc = self.train_process
+        x0 = 2.0 * F.one_hot(label[:, 0].long(), self.num_classes).movedim(-1, 1).to(noise.dtype) - 1.0
+        start = x0
+        if self.recycling != "none":
+            # mask recycling (methods.md §1): x̂0 from the TRUE mask noised to t_r, without gradient
+            t_r = self.recycle_step(t)
+            with torch.no_grad():
+                x_tr = proc.q_sample(x0, t_r, noise_r)
+                out_r = self.denoise(image, x_tr, proc.timesteps[t_r].float())
+                start = proc.predict_x0(out_r, x_tr, t_r)
+        x_t = proc.q_sample(start, t, noise)  # DDPM eq. 4
+        t_model = proc.timesteps[t].float()   # the ORIGINAL timestep index
+        if self.seg_loss is not None:  # x0-prediction: Dice/CE on the logits against the true mask
+            logits = self.net(torch.cat([image, x_t.to(image.dtype)], dim=1), t_model).float()
+            return self.seg_loss(logits, label), {}
+        # mse in prediction space: x̂0 vs x0, or ε̂ vs the noise that made x_t
+        out = self.denoise(image, x_t, t_model)
+        target = x0 if self.settings.prediction == "x0" else noise
+        return F.mse_loss(out, target), {}
+
+    # ------------------------------------------------------------------ sampling
+    def predict_window(self, image, batch=None):
+        s = self.sampling
+        n, b = s.num_samples, image.shape[0]
+        images = repeat_for_samples(image, n)  # N samples of each window as ONE batch
+        shape = (n * b, self.num_classes, *image.shape[2:])
+        _, x0_hats = self.sample_process.sample(
+            lambda x_t, t_model: self.denoise(images, x_t, t_model), shape, sampler=s.sampler,
+            eta=float(s.eta), generator=self.case_generator(), device=image.device, dtype=torch.float32)
+        outputs: dict[str, torch.Tensor] = {}
+        for i, x0_hat in enumerate(x0_hats, start=1):
+            outputs[f"step/{i}"] = split_samples(probs_from_x0(x0_hat), n).mean(0)
+        outputs[FINAL] = outputs[f"step/{len(x0_hats)}"]
+        if n > 1:
+            final = split_samples(probs_from_x0(x0_hats[-1]), n)
+            for j, mean in enumerate(prefix_means(final), start=1):
+                outputs[f"samples/{j}"] = mean
+        return outputs

@@ -1,0 +1,226 @@
+"""SegDiff (methods.md §2, Amit et al. 2021, arXiv 2112.00390) on the shared framework.
+
+- The mask is diffused in [-1, 1]: binary tasks use ONE channel, x0 = 2·mask - 1 (the paper); tasks
+  with more classes (BraTS) use a one-hot mask, x0 = 2·onehot - 1 with C channels (our extension:
+  the same model, a multi-channel ε).
+- The network eps_theta(x_t, I, t) = UNet(F(x_t) + G(I), t) (diffseg.nets.segdiff_denoiser) predicts ε;
+  loss = squared error on ε averaged over all elements (DDPM eq. 14, "L_simple"; the reference sums
+  over pixels, which only rescales the gradient by the patch size).
+- The linear DDPM schedule stretched to T steps (``stretched_linear_betas``), "fixed_large" variance,
+  ancestral sampling over all T steps from pure noise. ``sampling.steps < T`` (respaced) or
+  ``sampling.sampler=ddim`` sample with fewer steps without retraining: the network is always
+  conditioned on the ORIGINAL step indices (GaussianDiffusion.respace).
+- Multiple generation: N samples of each window are ONE batch of N·B (inference.samples); each sample's
+  x̂0 is mapped to [0, 1] and read as class probabilities ([1-p, p] for binary tasks), and the running
+  means over 1..N samples are all returned (``samples/k``), the mean of all N being the final output
+  (threshold 0.5 = argmax). ``std`` (B, 1, *S) is the per-pixel standard deviation over samples,
+  saved as an uncertainty map with the predictions.
+- EMA of the weights (``ema_decay``) kept in the module, used for validation and test (see below).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from diffseg.diffusion.gaussian import SAMPLERS, GaussianDiffusion
+from diffseg.diffusion.schedules import beta_schedule
+from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples
+from diffseg.models.base import FINAL, SegmentationModule
+from diffseg.utils.outputs import save_prediction_file
+
+STD = "std"
+SAMPLING_DEFAULTS = {"num_samples": 1, "steps": None, "sampler": "ddpm", "eta": 0.0}
+#: the std map is written as uint8 = round(STD_PNG_SCALE · std); the std of values in [0, 1] is <= 0.5
+STD_PNG_SCALE = 510.0
+
+
+def stretched_linear_betas(num_steps: int) -> torch.Tensor:
+    """DDPM's linear schedule (1e-4 .. 0.02 over 1000 steps) stretched to T = ``num_steps``:
+    β from (1000/T)·1e-4 to (1000/T)·0.02 (methods.md §2; Nichol & Dhariwal 2021,
+    improved-diffusion ``get_named_beta_schedule("linear")``). T = 100 gives β 0.001 .. 0.2."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 20:
+        raise ValueError(f"model.num_steps: expected an int > 20 (β_end = 20/T must stay below 1), got {num_steps!r}")
+    scale = 1000.0 / num_steps
+    return beta_schedule("linear", num_steps, scale * 1e-4, scale * 0.02)
+
+
+def check_sampling(sampling: Mapping[str, Any] | None, num_steps: int) -> dict[str, Any]:
+    """Validate ``model.sampling`` (num_samples, steps, sampler, eta); unknown keys are errors."""
+    sampling = dict(sampling or {})
+    unknown = sorted(set(sampling) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"model.sampling: unknown keys {unknown}; expected {sorted(SAMPLING_DEFAULTS)}")
+    s = {**SAMPLING_DEFAULTS, **sampling}
+    if isinstance(s["num_samples"], bool) or not isinstance(s["num_samples"], int) or s["num_samples"] < 1:
+        raise ValueError(f"model.sampling.num_samples: expected an int >= 1, got {s['num_samples']!r}")
+    steps = s["steps"]
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_steps):
+        raise ValueError(f"model.sampling.steps: expected null or an int in [1, num_steps={num_steps}], got {steps!r}")
+    if s["sampler"] not in SAMPLERS:
+        raise ValueError(f"model.sampling.sampler: expected one of {list(SAMPLERS)}, got {s['sampler']!r}")
+    if not float(s["eta"]) >= 0.0:
+        raise ValueError(f"model.sampling.eta: expected a number >= 0, got {s['eta']!r}")
+    if s["sampler"] == "ddpm" and float(s["eta"]) != 0.0:
+        raise ValueError("model.sampling.eta only applies to sampler=ddim; leave it 0 for ddpm")
+    return s
+
+
+class SegDiff(SegmentationModule):
+    """SegDiff LightningModule.
+
+    Args:
+        net: a SegDiffDenoiser, ``net(x_t, image, t)`` -> ε̂ with ``mask_channels`` channels
+            (1 for binary tasks, ``num_classes`` otherwise).
+        num_steps: T, the number of training diffusion steps.
+        variance: reverse-process variance, "fixed_large" (β_t, the paper) or "fixed_small".
+        clip_x0: clamp x̂0 to [-1, 1] while sampling.
+        ema_decay: decay of the exponential moving average of the weights; null = no EMA.
+        sampling: {num_samples, steps (null = T), sampler (ddpm | ddim), eta (ddim only)}.
+
+    EMA: an ``AveragedModel`` copy of ``net`` updated after every optimiser step and used by
+    ``predict_window``, so validation, the test of checkpoints/best.ckpt and scripts/evaluate.py
+    all see the EMA weights (it is part of the state dict). Lightning's EMAWeightAveraging callback
+    is not used: its on_load_checkpoint restores the RAW weights ("current_model_state") into the
+    module when trainer.test(ckpt_path=best) runs in the trainer that trained, and it swaps the
+    weights for validation only, so the test would not use the EMA weights.
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        num_steps: int = 100,
+        variance: str = "fixed_large",
+        clip_x0: bool = True,
+        ema_decay: float | None = 0.9999,
+        sampling: Mapping[str, Any] | None = None,
+        **kwargs,
+    ):
+        super().__init__(net=net, **kwargs)
+        self.mask_channels = 1 if self.num_classes == 2 else self.num_classes
+        net_mask = getattr(net, "mask_channels", self.mask_channels)
+        if net_mask != self.mask_channels:
+            raise ValueError(
+                f"model.net.mask_channels: expected {self.mask_channels} for num_classes={self.num_classes} "
+                f"(1 for a binary mask, one channel per class otherwise), got {net_mask}")
+        self.sampling = check_sampling(sampling, num_steps)
+        self.diffusion = GaussianDiffusion(stretched_linear_betas(num_steps), prediction="epsilon",
+                                           variance=variance, clip_x0=clip_x0)
+        steps = self.sampling["steps"]
+        self.sampler = self.diffusion if steps in (None, num_steps) else self.diffusion.respace(steps, exact=False)
+        self.ema: AveragedModel | None = None
+        if ema_decay is not None:
+            if not 0.0 < float(ema_decay) < 1.0:
+                raise ValueError(f"model.ema_decay: expected null or a number in (0, 1), got {ema_decay!r}")
+            self.ema = AveragedModel(self._raw_net, multi_avg_fn=get_ema_multi_avg_fn(float(ema_decay)),
+                                     use_buffers=True)
+            self.ema.requires_grad_(False)
+        self._ema_step = 0
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _raw_net(self) -> torch.nn.Module:
+        return getattr(self.net, "_orig_mod", self.net)  # the module under torch.compile
+
+    @property
+    def eval_net(self) -> torch.nn.Module:
+        """The weights used for prediction: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.net
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampling["num_samples"]
+
+    @property
+    def output_prefixes(self) -> dict[str, str]:
+        prefixes = {FINAL: ""}
+        prefixes.update({f"samples/{k}": f"samples/{k}/" for k in range(1, self.num_samples + 1)})
+        return prefixes
+
+    @staticmethod
+    def _plain(x: torch.Tensor) -> torch.Tensor:
+        """A MONAI MetaTensor as a plain tensor (every op on a MetaTensor also copies its metadata)."""
+        return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+    def encode_mask(self, label: torch.Tensor) -> torch.Tensor:
+        """Class indices (B, 1, *S) -> x0 in {-1, 1}: (B, 1, *S) binary, (B, C, *S) one-hot."""
+        if label.ndim != self.spatial_dims + 2 or label.shape[1] != 1:
+            raise ValueError(f"label: expected (B, 1, {', '.join('S' * self.spatial_dims)}) class indices, "
+                             f"got shape {tuple(label.shape)}")
+        label = label[:, 0].long()
+        if self.mask_channels == 1:
+            mask = (label == 1).unsqueeze(1)
+        else:
+            mask = F.one_hot(label, self.num_classes).movedim(-1, 1)
+        return mask.float() * 2.0 - 1.0
+
+    def class_probabilities(self, x0: torch.Tensor) -> torch.Tensor:
+        """x̂0 (B, M, *S) in [-1, 1] -> class probabilities (B, C, *S): q = clamp((x̂0 + 1)/2, 0, 1);
+        binary [1 - q, q]; one-hot q normalised over the classes."""
+        q = ((x0.float() + 1.0) * 0.5).clamp(0.0, 1.0)
+        if self.mask_channels == 1:
+            return torch.cat([1.0 - q, q], dim=1)
+        q = q + 1e-6  # a pixel where every channel is 0 becomes uniform
+        return q / q.sum(dim=1, keepdim=True)
+
+    # ------------------------------------------------------------------ training
+    def diffusion_loss(self, x0: torch.Tensor, image: torch.Tensor, t: torch.Tensor,
+                       noise: torch.Tensor) -> torch.Tensor:
+        """mean over all elements of (ε - eps_theta(x_t, I, t))², x_t = q_sample(x0, t, ε) (DDPM eq. 14)."""
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        eps_hat = self.net(x_t, image, t.float())
+        return F.mse_loss(eps_hat.float(), noise.float())
+
+    def training_loss(self, batch):
+        image = self._plain(batch["image"])
+        x0 = self.encode_mask(self._plain(batch["label"])).to(image.dtype)
+        t = torch.randint(0, self.diffusion.num_steps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        return self.diffusion_loss(x0, image, t, noise), {}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # one EMA update per optimiser step (also under gradient accumulation)
+        if self.ema is not None and self.trainer.global_step > self._ema_step:
+            self.ema.update_parameters(self._raw_net)
+            self._ema_step = self.trainer.global_step
+
+    # ------------------------------------------------------------------ prediction
+    def predict_window(self, image, batch=None):
+        image = self._plain(image)
+        n, b = self.num_samples, image.shape[0]
+        net = self.eval_net
+        cond = repeat_for_samples(image, n)  # (N·B, C_in, *S): one denoiser call per step serves all samples
+
+        def denoise(x_t, t):
+            return net(x_t, cond, t)
+
+        x0, _ = self.sampler.sample(
+            denoise, (n * b, self.mask_channels, *image.shape[2:]), sampler=self.sampling["sampler"],
+            eta=float(self.sampling["eta"]), generator=self.case_generator(), device=image.device,
+            dtype=image.dtype)
+        probs = split_samples(self.class_probabilities(x0), n)  # (N, B, C, *S)
+        means = prefix_means(probs)
+        outputs = {f"samples/{k + 1}": means[k] for k in range(n)}
+        outputs[FINAL] = means[-1]
+        # per-pixel spread of the samples (population std; 0 for one sample), mean over the classes
+        # (for a binary task exactly the std of the foreground probability)
+        outputs[STD] = probs.std(dim=0, correction=0).mean(dim=1, keepdim=True)
+        return outputs
+
+    def save_case_outputs(self, case_id, outputs, image) -> None:
+        """The predicted mask (base class) and DIR/predictions/<case>_std.png (.nii.gz in 3D):
+        uint8 = round(510 · std), i.e. 255 for the largest possible spread (std 0.5)."""
+        super().save_case_outputs(case_id, outputs, image)
+        std = outputs[STD][0, 0].float().cpu().numpy()
+        quantised = np.clip(np.rint(std * STD_PNG_SCALE), 0, 255).astype(np.uint8)
+        affine = getattr(image, "affine", None)
+        if affine is not None and self.spatial_dims == 3:
+            affine = torch.as_tensor(affine).reshape(-1, 4, 4)[0].numpy()
+        else:
+            affine = None
+        # num_classes=256: write the values as they are (no binary 0/255 mapping)
+        save_prediction_file(Path(self.output_dir) / "predictions", f"{case_id}_std", quantised, 256, affine)

@@ -1,0 +1,38 @@
+"""Shared test helpers: run the CLI scripts as a user would, with a private data cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One synthetic-data cache for the whole session (generated once, like a user's ~/.cache)."""
+    path = tmp_path_factory.mktemp("diffseg_cache")
+    os.environ["DIFFSEG_CACHE"] = str(path)
+    return path
+
+
+def run_script(script: str, *args: str, cache: Path | None = None, timeout: int = 900,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """``python scripts/<script> args...`` from the repository root; output captured."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    if cache is not None:
+        env["DIFFSEG_CACHE"] = str(cache)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n"
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
