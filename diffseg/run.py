@@ -63,9 +63,9 @@ def _wandb_id(out_dir: Path, resume: bool) -> str:
     path = out_dir / ".wandb_id"
     if resume and path.is_file():
         return path.read_text().strip()
-    import wandb
+    import secrets
 
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)  # W&B run ids: 8 lowercase alphanumerics
     if is_rank_zero():
         atomic_write_text(path, run_id)
     return run_id

@@ -20,7 +20,7 @@ def cache_dir(tmp_path_factory) -> Path:
     return path
 
 
-def run_script(script: str, *args: str, cache: Path | None = None, timeout: int = 900,
+def run_script(script: str, *args: str, cache: Path | None = None, timeout: int = 2400,
                check: bool = True) -> subprocess.CompletedProcess:
     """``python scripts/<script> args...`` from the repository root; output captured."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")

@@ -270,7 +270,15 @@ class SegDataModule(L.LightningDataModule):
     def _cached(self, records: list[dict], transform, stage: str):
         if self.cache == "memory":
             # one caching thread: MONAI image readers are shared by the transform and not thread-safe
-            return CacheDataset(records, transform=transform, progress=False, num_workers=1)
+            try:
+                return CacheDataset(records, transform=transform, progress=False, num_workers=1)
+            except RuntimeError as err:  # MONAI wraps transform errors: surface the DataError itself
+                cause = err
+                while cause is not None and not isinstance(cause, DataError):
+                    cause = cause.__cause__
+                if cause is not None:
+                    raise cause from None
+                raise
         if self.cache == "disk":
             key = hashlib.sha1(f"{self.source.root}|{self.patch_size}|{self.target_spacing}|{self.resize}".encode())
             cache_dir = Path(self.cache_dir or Path(self.source.root) / ".cache") / f"{stage}_{key.hexdigest()[:12]}"

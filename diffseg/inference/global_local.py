@@ -150,7 +150,7 @@ def global_local_refine(refine_fn: RefineFn, image: torch.Tensor, coarse: torch.
     """Refine one image (1, C, H, W) with its coarse mask (1, 1, H, W) in {0, 1}; H >= size[0], W >= size[1].
 
     Returns foreground probabilities (1, 1, H, W): ``final`` (global + local), ``global`` (the
-    global pass alone), and ``boxes`` (n, 4), the local patches (y0, x0, y1, x1).
+    global pass alone), and the local patches: ``centres`` (n, 2) (y, x) and ``boxes`` (n, 4) (y0, x0, y1, x1).
     """
     if image.ndim != 4 or image.shape[0] != 1 or coarse.shape != (1, 1, *image.shape[2:]):
         raise ValueError(f"expected image (1, C, H, W) and coarse (1, 1, H, W), got {tuple(image.shape)} "
@@ -163,11 +163,11 @@ def global_local_refine(refine_fn: RefineFn, image: torch.Tensor, coarse: torch.
     centres, boxes = select_patches((2 * p_global[0, 0] - 1).abs(), size, settings.threshold,
                                     settings.max_patches, settings.nms_iou)
     if len(boxes) == 0:
-        return {"final": p_global, "global": p_global, "boxes": boxes}
+        return {"final": p_global, "global": p_global, "centres": centres, "boxes": boxes}
     mask = (p_global >= 0.5).float()
     local = []
     for start in range(0, len(boxes), settings.batch_size):
         chunk = boxes[start:start + settings.batch_size]
         local.append(refine_fn(crop_patches(image, chunk), crop_patches(mask, chunk), settings.local_steps))
     merged = merge_patches(p_global, torch.cat(local, dim=0), boxes)
-    return {"final": merged, "global": p_global, "boxes": boxes}
+    return {"final": merged, "global": p_global, "centres": centres, "boxes": boxes}

@@ -74,8 +74,9 @@ class SegDiff(SegmentationModule):
     """SegDiff LightningModule.
 
     Args:
-        net: a SegDiffDenoiser, ``net(x_t, image, t)`` -> ε̂ with ``mask_channels`` channels
-            (1 for binary tasks, ``num_classes`` otherwise).
+        net: a SegDiffDenoiser: ``net(x_t, image, t)`` -> ε̂ with ``mask_channels`` channels (1 for
+            binary tasks, ``num_classes`` otherwise), equal to ``net.denoise(x_t, net.encode_image(image), t)``
+            (sampling encodes the image once).
         num_steps: T, the number of training diffusion steps.
         variance: reverse-process variance, "fixed_large" (β_t, the paper) or "fixed_small".
         clip_x0: clamp x̂0 to [-1, 1] while sampling.
@@ -193,10 +194,12 @@ class SegDiff(SegmentationModule):
         image = self._plain(image)
         n, b = self.num_samples, image.shape[0]
         net = self.eval_net
-        cond = repeat_for_samples(image, n)  # (N·B, C_in, *S): one denoiser call per step serves all samples
+        # G(I) does not depend on x_t or t: computed once per window, shared by every step and sample;
+        # the N samples are one batch of N·B (sample-major), one denoiser call per step serves them all
+        features = repeat_for_samples(net.encode_image(image), n)
 
         def denoise(x_t, t):
-            return net(x_t, cond, t)
+            return net.denoise(x_t, features, t)
 
         x0, _ = self.sampler.sample(
             denoise, (n * b, self.mask_channels, *image.shape[2:]), sampler=self.sampling["sampler"],

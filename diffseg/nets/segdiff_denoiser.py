@@ -56,19 +56,28 @@ class SegDiffDenoiser(nn.Module):
         self.unet = TimeUNet(spatial_dims, unet_in, mask_channels, **unet)
 
     def forward(self, x_t: torch.Tensor, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if x_t.shape[0] != image.shape[0] or x_t.shape[2:] != image.shape[2:]:
+        return self.denoise(x_t, self.encode_image(image), t)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """G(I) (the image itself for ``conditioning="none"``). It does not depend on x_t or t, so a
+        sampler computes it once per image and reuses it at every step and for every sample."""
+        if image.ndim < 3 or image.shape[1] != self.image_channels:
+            raise ValueError(f"expected {self.image_channels} image channels, got image of shape {tuple(image.shape)}")
+        return image if self.image_encoder is None else self.image_encoder(image)
+
+    def denoise(self, x_t: torch.Tensor, image_features: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_theta from x_t and ``encode_image(image)``."""
+        if x_t.shape[0] != image_features.shape[0] or x_t.shape[2:] != image_features.shape[2:]:
             raise ValueError(
-                f"x_t and image must share batch and spatial size, got {tuple(x_t.shape)} and {tuple(image.shape)}"
+                f"x_t and image must share batch and spatial size, got {tuple(x_t.shape)} and "
+                f"{tuple(image_features.shape)}"
             )
-        if x_t.shape[1] != self.mask_channels or image.shape[1] != self.image_channels:
-            raise ValueError(
-                f"expected {self.mask_channels} mask and {self.image_channels} image channels, "
-                f"got {x_t.shape[1]} and {image.shape[1]}"
-            )
+        if x_t.shape[1] != self.mask_channels:
+            raise ValueError(f"expected {self.mask_channels} mask channels, got {x_t.shape[1]}")
         if self.conditioning == "none":
-            h = torch.cat([x_t, image], dim=1)
+            h = torch.cat([x_t, image_features], dim=1)
         elif self.conditioning == "sum":
-            h = self.mask_encoder(x_t) + self.image_encoder(image)  # h = F(x_t) + G(I)
+            h = self.mask_encoder(x_t) + image_features  # h = F(x_t) + G(I)
         else:
-            h = torch.cat([self.mask_encoder(x_t), self.image_encoder(image)], dim=1)
+            h = torch.cat([self.mask_encoder(x_t), image_features], dim=1)
         return self.unet(h, t)

@@ -41,8 +41,16 @@ class EpsOracle(nn.Module):
         self.abar = manual_alphas_cumprod(num_steps)
         self.targets = targets
         self.calls: list[tuple[int, int, int]] = []
+        self.image_calls: list[int] = []
+
+    def encode_image(self, image):
+        self.image_calls.append(image.shape[0])
+        return image
 
     def forward(self, x_t, image, t):
+        return self.denoise(x_t, self.encode_image(image), t)
+
+    def denoise(self, x_t, image, t):
         self.calls.append((x_t.shape[0], image.shape[0], t.shape[0]))
         x0 = self.targets if self.targets is not None else 2.0 * image[:, : self.mask_channels] - 1.0
         a = self.abar[t.long()].view(-1, *([1] * (x_t.ndim - 1)))
@@ -82,7 +90,13 @@ class Affine(nn.Module):
         super().__init__()
         self.c = c
 
+    def encode_image(self, image):
+        return image
+
     def forward(self, x_t, image, t):
+        return self.denoise(x_t, image, t)
+
+    def denoise(self, x_t, image, t):
         return self.c * x_t + image[:, :1] * t.view(-1, 1, 1, 1) / 100.0
 
 
@@ -118,6 +132,10 @@ def test_training_loss_runs_with_real_denoiser():
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
+    # the sampler's split call (image encoded once) is the same function as forward
+    x_t, t = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 17.0])
+    with torch.no_grad():
+        torch.testing.assert_close(net.denoise(x_t, net.encode_image(image), t), net(x_t, image, t))
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -129,6 +147,7 @@ def test_samples_are_one_batch_one_call_per_step():
     model.predict_window(image)
     assert len(oracle.calls) == T  # one denoiser call per step serves all N samples
     assert set(oracle.calls) == {(n * b, n * b, n * b)}
+    assert oracle.image_calls == [b]  # the image is encoded once per window
 
 
 @pytest.mark.parametrize("sampling", [
@@ -254,8 +273,8 @@ class _Recorder(L.Callback):
         self.snapshots.append([p.detach().clone() for p in module.net.parameters()])
 
     def on_validation_epoch_start(self, trainer, module):
-        self.hooks = [module.net.register_forward_hook(lambda *a: self._count("net")),
-                      module.ema.module.register_forward_hook(lambda *a: self._count("ema"))]
+        self.hooks = [module.net.unet.register_forward_hook(lambda *a: self._count("net")),
+                      module.ema.module.unet.register_forward_hook(lambda *a: self._count("ema"))]
 
     def _count(self, name):
         self.val_calls[name] += 1
@@ -291,7 +310,8 @@ def test_ema_weights_are_tracked_and_used_in_validation(tmp_path):
     # the EMA weights are in the state dict: a model rebuilt from it predicts with them
     state = model.state_dict()
     assert any(k.startswith("ema.module.") for k in state)
-    clone = make_model(_tiny_denoiser(), roi=(8, 8), ema_decay=decay, num_steps=25)
+    clone = make_model(_tiny_denoiser(), roi=(8, 8), ema_decay=decay, num_steps=25,
+                       sampling={"num_samples": 1, "steps": 3})
     clone.load_state_dict(state)
     image, _ = binary_image(b=1, size=8)
     torch.testing.assert_close(clone.predict_case(image, "x")[FINAL], model.predict_case(image, "x")[FINAL])

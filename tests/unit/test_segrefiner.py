@@ -11,8 +11,10 @@ from scipy import ndimage
 
 from diffseg.data.coarse import mask_iou
 from diffseg.data.coarse_transforms import FixedCoarseMaskd, RandCoarseMaskd
+from diffseg.data.datamodule import SegDataModule
 from diffseg.data.errors import DataError
-from diffseg.data.synthetic import shapes2d_sample
+from diffseg.data.formats.folder2d import Folder2DSource
+from diffseg.data.synthetic import shapes2d_sample, write_shapes2d
 from diffseg.inference.global_local import (RefineSettings, global_local_refine, merge_patches, patch_boxes,
                                             select_patches)
 from diffseg.models.base import FINAL
@@ -213,6 +215,37 @@ def test_coarse_from_files_wins_and_is_reported(caplog):
     assert "read from files" in caplog.text and "not used" in caplog.text
 
 
+def test_datamodule_serves_generated_or_file_coarse_masks(tmp_path):
+    from PIL import Image
+
+    root = write_shapes2d(tmp_path / "shapes", num_cases=10, size=32, seed=0)
+
+    def datamodule(**source_kw):
+        dm = SegDataModule(source=Folder2DSource(root, **source_kw), root=root, patch_size=(32, 32), batch_size=4,
+                           samples_per_epoch=4, train_transforms=[RandCoarseMaskd()],
+                           eval_transforms=[FixedCoarseMaskd()])
+        dm.setup("fit")
+        return dm
+
+    a = datamodule()
+    batch = next(iter(a.train_dataloader()))
+    assert batch["coarse"].shape == batch["label"].shape
+    for c, lab in zip(batch["coarse"], batch["label"]):
+        assert set(c.unique().tolist()) <= {0, 1}
+        if lab.any():
+            assert 0.5 <= mask_iou(c[0].numpy(), lab[0].numpy()) < 0.8
+    val = [a.datasets["val"][i]["coarse"] for i in range(len(a.datasets["val"]))]
+    again = [datamodule().datasets["val"][i]["coarse"] for i in range(len(val))]
+    assert all(torch.equal(x, y) for x, y in zip(val, again))  # fixed evaluation masks
+    # masks from another model (data.source.coarse_dir): the files are served, the generators step aside
+    (root / "coarse").mkdir()
+    for path in (root / "masks").glob("*.png"):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "coarse" / path.name)
+    b = datamodule(coarse_dir="coarse")
+    assert not b.datasets["val"][0]["coarse"].any()
+    assert not next(iter(b.train_dataloader()))["coarse"].any()
+
+
 def test_coarse_transform_bad_input():
     with pytest.raises(DataError, match="iou_range"):
         RandCoarseMaskd(iou_range=(0.8, 0.5))
@@ -239,7 +272,7 @@ def test_predict_case_windows_the_coarse_mask_with_the_image(size):
         assert torch.equal(out[name].argmax(1, keepdim=True), coarse)
     shapes = {s for s, _ in model.net.calls}
     assert shapes == {(1, 4, 32, 32)}  # image + coarse channel, window size
-    assert len(model.net.calls) == 6 * (9 if size == (48, 80) else 1)  # K steps per window (overlap 0.5)
+    assert len(model.net.calls) == 6 * (2 * 4 if size == (48, 80) else 1)  # K steps per window (overlap 0.5)
 
 
 def test_predict_is_reproducible_per_case():
@@ -304,8 +337,9 @@ def test_global_local_on_image_twice_the_training_size():
     boxes = out["boxes"]
     conf = (2 * out["global"][0, 0] - 1).abs()
     assert 2 <= len(boxes) <= 4
-    centres = (boxes[:, :2] + 16).tolist()
-    assert all(conf[min(y, 63), min(x, 63)] < 0.9 for y, x in centres)
+    centres = out["centres"]
+    assert (conf[centres[:, 0], centres[:, 1]] < 0.9).all()  # patches centred on low-confidence points
+    assert ((boxes[:, 2] - boxes[:, 0] == 32) & (boxes[:, 3] - boxes[:, 1] == 32)).all()
     covered = torch.zeros(64, 64, dtype=torch.bool)
     for y0, x0, y1, x1 in boxes.tolist():
         covered[y0:y1, x0:x1] = True
@@ -323,7 +357,7 @@ def test_model_uses_global_local_only_when_asked_and_larger():
     gl = stub_model("image", refine={"local": True, "max_patches": 3}).eval()
     out = gl.predict_case(image, "c", coarse)
     assert set(out) == {FINAL, "global", "coarse"}
-    assert torch.equal(out[FINAL].argmax(1), (image[:, 0] < 0).long())
+    assert torch.equal(out[FINAL].argmax(1), (image[:, 0] > 0).long())
     assert gl.net.calls[0][0] == (1, 4, 32, 32) and len(gl.net.calls) == 6 + 1  # global K steps + 1 batch
     small = gl.predict_case(image[..., :32, :32], "c", {"coarse": coarse["coarse"][..., :32, :32]})
     assert set(small) == {FINAL, "coarse"}  # no larger than the training size: plain refinement

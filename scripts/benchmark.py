@@ -1,0 +1,105 @@
+"""Inference speed and memory of a method: python scripts/benchmark.py METHOD [options]
+
+    python scripts/benchmark.py imgx [--scale tiny|paper] [--device cpu|cuda] [--bf16] [--compile]
+                                     [--repeats N] [--samples N] [--override KEY=VALUE ...]
+
+One subcommand per method: ``add_<method>(subparsers)`` declares it and ``bench_<method>(args)``
+measures it; the timing/memory helpers are shared (diffseg/utils/benchmark.py). Models are built
+from the same Hydra configs as scripts/fit.py (``--override`` takes any fit.py override).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diffseg.utils.benchmark import format_table, measure, model_from_config  # noqa: E402
+
+BRATS_INFO = dict(spatial_dims=3, in_channels=4, num_classes=4, class_names=["wt", "tc", "et"],
+                  regions={"wt": [1, 2, 3], "tc": [1, 3], "et": [3]})
+
+
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scale", choices=["tiny", "paper"], action="append",
+                        help="tiny and/or paper (repeatable; default: both)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as trainer.precision=bf16-mixed)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (model.compile=true)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per figure (default 3; 1 for paper scale on CPU)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra fit.py config override, e.g. model.sampling.steps=10 (repeatable)")
+
+
+# ---------------------------------------------------------------------------------------- imgx
+def add_imgx(subparsers) -> None:
+    p = subparsers.add_parser("imgx", help="ImgX-DiffSeg: denoiser forward vs K-step sampling, N samples as one batch")
+    common_arguments(p)
+    p.add_argument("--samples", type=int, default=4, help="N for the one-batch vs N-runs comparison")
+    p.set_defaults(func=bench_imgx)
+
+
+def bench_imgx(args) -> list[dict]:
+    device = torch.device(args.device)
+    rows = []
+    for scale in args.scale or ["tiny", "paper"]:
+        overrides = ["experiment=imgx_brats", "data=brats_synthetic", f"scale={scale}",
+                     f"model.compile={str(args.compile).lower()}", *args.override]
+        model, cfg = model_from_config(overrides, BRATS_INFO)
+        model = model.to(device).eval()
+        repeats = args.repeats or (1 if scale == "paper" and device.type == "cpu" else 3)
+        patch = [int(p) for p in cfg.data.patch_size]
+        g = torch.Generator(device=device).manual_seed(0)
+        image = torch.randn(1, BRATS_INFO["in_channels"], *patch, generator=g, device=device)
+        x_t = torch.randn(1, model.num_classes, *patch, generator=g, device=device)
+        t = torch.tensor([500.0], device=device)
+
+        def run(fn):
+            return measure(fn, device, repeats=repeats, warmup=args.warmup, bf16=args.bf16)
+
+        def sample(n):
+            model.configure_sampling(num_samples=n)
+            model._case_generator = torch.Generator(device=device).manual_seed(0)
+            return lambda: model.predict_window(image)
+
+        steps, n = model.sampling.steps, args.samples
+        fwd = run(lambda: model.denoise(image, x_t, t))
+        one = run(sample(1))
+        batch = run(sample(n))
+        separate_fn = sample(1)
+        separate = run(lambda: [separate_fn() for _ in range(n)])
+        rows.append({
+            "scale": scale, "patch": "x".join(map(str, patch)), "K": steps, "forward_s": fwd.seconds,
+            "sample_s": one.seconds, "sample/fwd": one.seconds / fwd.seconds, "target<=": 1.05 * steps,
+            "N": n, f"batch{n}_s": batch.seconds, f"{n}runs_s": separate.seconds,
+            "batch/runs": batch.seconds / separate.seconds,
+            "fwd_MB": fwd.peak_mb, "sample_MB": one.peak_mb, f"batch{n}_MB": batch.peak_mb,
+            "repeats": repeats,
+        })
+        print(format_table(rows[-1:]), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- main
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="method", required=True)
+    add_imgx(subparsers)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"benchmark {args.method} on {where}; bf16={args.bf16} compile={args.compile}", flush=True)
+    rows = args.func(args)
+    print("\n" + format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Refine another model's masks with a SegRefiner checkpoint:
+
+    python scripts/refine.py ckpt=RUN/checkpoints/best.ckpt images=DIR coarse=DIR out=DIR [masks=DIR] [steps=K] [local=true]
+
+Pairs images and coarse masks by file stem, writes OUT/<stem>.png (0/255); with masks= prints coarse vs
+refined IoU (pooled), mBA and boundary F and writes OUT/refine_metrics.json. Options: experiments/refine.yaml.
+"""
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diffseg.cli import run_cli  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../experiments", config_name="refine")
+def main(cfg: DictConfig) -> None:
+    from diffseg.refine import refine
+
+    run_cli(refine, cfg)
+
+
+if __name__ == "__main__":
+    main()

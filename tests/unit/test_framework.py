@@ -1,0 +1,115 @@
+"""Framework pieces: LR schedule, atomic checkpoints, splits, DDP sharding, data config checks, aggregation."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffseg.data.datamodule import SegDataModule, ShardSampler, load_or_make_splits
+from diffseg.data.errors import DataError
+from diffseg.data.formats.base import Case
+from diffseg.data.formats.brats import BratsSource
+from diffseg.data.synthetic import write_brats_synthetic
+from diffseg.metrics.scoring import aggregate, score_case
+from diffseg.models.base import warmup_cosine
+from diffseg.utils.checkpoint import AtomicCheckpointIO
+
+
+def test_warmup_cosine_closed_form():
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)  # half-way through the cosine
+    assert warmup_cosine(110, 10, 110) == pytest.approx(0.0)
+    assert warmup_cosine(110, 10, 110, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_atomic_checkpoint_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    assert torch.load(path, weights_only=False)["step"] == 1
+
+    def dying_save(obj, handle):
+        handle.write(b"partial")
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary left behind
+
+
+def _cases(n):
+    return [Case(f"c{i:02d}", [f"c{i}.nii.gz"], f"s{i}.nii.gz") for i in range(n)]
+
+
+def test_splits_seeded_disjoint_and_from_file(tmp_path):
+    a = load_or_make_splits(_cases(20), tmp_path, (0.7, 0.1, 0.2), seed=3)
+    b = load_or_make_splits(_cases(20), tmp_path, (0.7, 0.1, 0.2), seed=3)
+    assert a == b and [len(a[k]) for k in ("train", "val", "test")] == [14, 2, 4]
+    assert not (set(a["train"]) & set(a["test"])) and sum(map(len, a.values())) == 20
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["c00"], "val": ["c01"], "test": ["c02"]}))
+    assert load_or_make_splits(_cases(20), tmp_path, (0.7, 0.1, 0.2), 0)["test"] == ["c02"]
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["c00"], "val": ["c00"], "test": ["c02"]}))
+    with pytest.raises(DataError, match="c00.*both"):
+        load_or_make_splits(_cases(20), tmp_path, (0.7, 0.1, 0.2), 0)
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["zz"], "val": [], "test": []}))
+    with pytest.raises(DataError, match="zz"):
+        load_or_make_splits(_cases(20), tmp_path, (0.7, 0.1, 0.2), 0)
+
+
+@pytest.mark.parametrize("n,world", [(5, 2), (7, 3), (1, 2), (4, 4)])
+def test_shard_sampler_scores_each_case_exactly_once(n, world):
+    shards = [list(ShardSampler(n, r, world)) for r in range(world)]
+    flat = [i for s in shards for i in s]
+    assert sorted(flat) == list(range(n))
+
+
+def test_datamodule_checks_config_against_files(tmp_path):
+    root = write_brats_synthetic(tmp_path / "b", num_cases=5, shape=(32, 32, 32))
+    src = BratsSource(root)
+    dm = SegDataModule(src, root=str(root), patch_size=(32, 32, 32))
+    assert (dm.spatial_dims, dm.in_channels, dm.num_classes) == (3, 4, 4)
+    assert dm.class_names == ["wt", "tc", "et"] and dm.regions["tc"] == [1, 3]
+    with pytest.raises(DataError, match="in_channels=3"):
+        _ = SegDataModule(src, root=str(root), patch_size=(32, 32, 32), in_channels=3).info
+    with pytest.raises(DataError, match="patch_size"):
+        _ = SegDataModule(src, root=str(root), patch_size=(32, 32)).info
+    with pytest.raises(DataError, match="regions"):
+        _ = SegDataModule(src, root=str(root), patch_size=(32, 32, 32), regions={"x": [9]}).regions
+
+
+def test_bad_label_value_in_pipeline_names_the_file(tmp_path):
+    import nibabel as nib
+
+    root = write_brats_synthetic(tmp_path / "b", num_cases=3, shape=(32, 32, 32))
+    seg = sorted(root.glob("*/*_seg.nii.gz"))[0]
+    img = nib.load(seg)
+    data = np.asarray(img.dataobj).copy()
+    data[1, 1, 1] = 5
+    nib.save(nib.Nifti1Image(data, img.affine), seg)
+    dm = SegDataModule(BratsSource(root), root=str(root), patch_size=(32, 32, 32), split_fractions=(0.34, 0.33, 0.33))
+    with pytest.raises(DataError, match=seg.name):
+        dm.setup("fit")
+        _ = [dm.datasets[k][0] for k in dm.datasets]
+
+
+def test_score_and_aggregate_closed_form():
+    label = torch.zeros(8, 8, dtype=torch.long)
+    label[2:6, 2:6] = 1  # 16 px
+    probs = torch.zeros(2, 8, 8)
+    probs[0] = 1
+    probs[:, 2:6, 2:4] = torch.tensor([0.2, 0.8]).view(2, 1, 1)  # predicts 8 of the 16 px
+    rec = score_case(probs, label, {"fg": [1]}, (1.0, 1.0))
+    assert rec["dice"] == pytest.approx(2 * 8 / (8 + 16)) and rec["iou/fg"] == pytest.approx(0.5)
+    rec2 = score_case(torch.stack([1 - (label == 1).float(), (label == 1).float()]), label, {"fg": [1]}, (1, 1))
+    agg = aggregate([rec, rec2])
+    assert agg["dice"] == pytest.approx((2 / 3 + 1) / 2)
+    assert agg["iou_pooled"] == pytest.approx((8 + 16) / (16 + 16))  # sum I / sum U
+    assert agg["num_cases"] == 2 and math.isfinite(agg["ece"]) and "mba" in agg and "boundary_f" in agg
