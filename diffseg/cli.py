@@ -10,6 +10,22 @@ from diffseg.utils.errors import USER_ERRORS
 log = logging.getLogger("diffseg")
 
 
+def _sum(*values):
+    """``${sum:a,b,...}``, e.g. a denoiser's input width = image channels + mask channels; null while
+    a term is still unknown (data keys are read from the files when the run starts)."""
+    return None if any(v is None for v in values) else sum(values)
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("sum"):
+        OmegaConf.register_new_resolver("sum", _sum)
+
+
+register_resolvers()  # the scripts import this module before Hydra composes their config
+
+
 def run_cli(fn: Callable[..., Any], *args, **kwargs) -> Any:
     """Call ``fn``; a data/config/divergence error prints ``error: <message>`` and exits with status 2."""
     try:

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import diffseg.cli  # noqa: F401 - registers the config resolvers (${sum:...})
 from diffseg.data.datamodule import SegDataModule
 from diffseg.metrics.scoring import scalar_view
 from diffseg.utils.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
@@ -29,14 +30,25 @@ log = logging.getLogger("diffseg")
 
 DATA_INFO_KEYS = ("spatial_dims", "in_channels", "num_classes", "class_names", "regions")
 
-# ${sum:a,b,...} in configs, e.g. a denoiser's input width = image channels + mask channels
-if not OmegaConf.has_resolver("sum"):
-    OmegaConf.register_new_resolver("sum", lambda *values: sum(values))
-
 
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and \
         int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def check_data_root(cfg: DictConfig) -> None:
+    """An unset ``data.root`` stops with one message naming the data source's expected layout and
+    its built-in synthetic alternative (e.g. BraTS: case folders ...; data=brats_synthetic)."""
+    if not OmegaConf.is_missing(cfg.data, "root"):
+        return
+    try:
+        source = instantiate(cfg.data.source, root="ROOT")  # describes the layout; touches no files
+    except Exception:  # noqa: BLE001 - fall back to the generic message of diffseg.cli
+        return
+    msg = f"data.root is not set: point it at your {source.title} data, data.root=ROOT with {source.layout}"
+    if source.synthetic_hint:
+        msg += f"; or try the built-in synthetic data with {source.synthetic_hint}"
+    raise ConfigError(msg)
 
 
 def build_datamodule(cfg: DictConfig) -> SegDataModule:
@@ -129,6 +141,7 @@ def format_table(metrics: dict[str, float], title: str = "test metrics (best che
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train, then test the best checkpoint. Returns the test metrics (also in DIR/metrics.json)."""
     out_dir = Path(cfg.paths.output_dir)
+    check_data_root(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision("high")

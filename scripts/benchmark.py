@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py imgx [--scale tiny|paper] [--device cpu|cuda] [--bf16] [--compile]
                                      [--repeats N] [--samples N] [--override KEY=VALUE ...]
+    python scripts/benchmark.py segdiff [same options; --samples N, default 9; --scale default tiny]
 
 One subcommand per method: ``add_<method>(subparsers)`` declares it and ``bench_<method>(args)``
 measures it; the timing/memory helpers are shared (diffseg/utils/benchmark.py). Models are built
@@ -85,11 +86,61 @@ def bench_imgx(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------- segdiff
+FOLDER2D_INFO = dict(spatial_dims=2, in_channels=3, num_classes=2, class_names=["foreground"],
+                     regions={"foreground": [1]})
+
+
+def add_segdiff(subparsers) -> None:
+    p = subparsers.add_parser(
+        "segdiff", help="SegDiff: time(N samples as one batch) / (N x time(1 sample)), one window",
+        description="SegDiff multiple generation: N samples of a window as ONE batch vs one sample. "
+                    "Paper scale on CPU is slow (100 steps of a 256-px 7-level UNet): the ratio is per "
+                    "step, so --override model.sampling.steps=5 gives the same figure in minutes.")
+    common_arguments(p)
+    p.add_argument("--samples", type=int, default=9, help="N (the paper averages 9)")
+    p.set_defaults(func=bench_segdiff)
+
+
+def bench_segdiff(args) -> list[dict]:
+    if args.samples < 2:
+        raise SystemExit(f"--samples: expected >= 2, got {args.samples}")
+    device = torch.device(args.device)
+    rows = []
+    for scale in args.scale or ["tiny"]:
+        overrides = ["experiment=segdiff_folder2d", "data=shapes2d", f"scale={scale}",
+                     f"model.compile={str(args.compile).lower()}", *args.override]
+        model, cfg = model_from_config(overrides, FOLDER2D_INFO)
+        model = model.to(device).eval()
+        repeats = args.repeats or (1 if scale == "paper" and device.type == "cpu" else 3)
+        patch = [int(p) for p in cfg.data.patch_size]
+        image = torch.randn(1, FOLDER2D_INFO["in_channels"], *patch, device=device,
+                            generator=torch.Generator(device=device).manual_seed(0))
+
+        def sample(n):
+            model.sampling = {**model.sampling, "num_samples": n}
+            model.seed_case("benchmark", device)
+            return lambda: model.predict_window(image)
+
+        n = args.samples
+        one = measure(sample(1), device, repeats=repeats, warmup=args.warmup, bf16=args.bf16)
+        batch = measure(sample(n), device, repeats=repeats, warmup=args.warmup, bf16=args.bf16)
+        rows.append({
+            "scale": scale, "patch": "x".join(map(str, patch)), "steps": model.sampler.num_steps, "N": n,
+            "sample1_s": one.seconds, f"batch{n}_s": batch.seconds,
+            "ratio": batch.seconds / (n * one.seconds), "target<=": 0.8,
+            "sample1_MB": one.peak_mb, f"batch{n}_MB": batch.peak_mb, "repeats": repeats,
+        })
+        print(format_table(rows[-1:]), flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="method", required=True)
     add_imgx(subparsers)
+    add_segdiff(subparsers)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")

@@ -220,12 +220,11 @@ class ImgXDiffSeg(SegmentationModule):
         _, x0_hats = self.sample_process.sample(
             lambda x_t, t_model: self.denoise(images, x_t, t_model), shape, sampler=s.sampler,
             eta=float(s.eta), generator=self.case_generator(), device=image.device, dtype=torch.float32)
-        outputs: dict[str, torch.Tensor] = {}
-        for i, x0_hat in enumerate(x0_hats, start=1):
-            outputs[f"step/{i}"] = split_samples(probs_from_x0(x0_hat), n).mean(0)
-        outputs[FINAL] = outputs[f"step/{len(x0_hats)}"]
+        outputs = {f"step/{i}": split_samples(probs_from_x0(x0_hat), n).mean(0)
+                   for i, x0_hat in enumerate(x0_hats[:-1], start=1)}
+        # running means over samples of the last step; the mean of all N is the prediction
+        means = prefix_means(split_samples(probs_from_x0(x0_hats[-1]), n))
+        outputs[f"step/{len(x0_hats)}"] = outputs[FINAL] = means[-1]
         if n > 1:
-            final = split_samples(probs_from_x0(x0_hats[-1]), n)
-            for j, mean in enumerate(prefix_means(final), start=1):
-                outputs[f"samples/{j}"] = mean
+            outputs.update({f"samples/{j}": mean for j, mean in enumerate(means, start=1)})
         return outputs

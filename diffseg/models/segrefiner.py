@@ -24,12 +24,12 @@ from diffseg.inference.global_local import RefineSettings, global_local_refine
 from diffseg.models.base import FINAL, SegmentationModule
 from diffseg.utils.errors import ConfigError
 
-_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
 def sobel_magnitude(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """sqrt(gx² + gy² + eps) of (B, 1, H, W) with the 3×3 Sobel kernels normalised by 1/8 (a unit
-    step gives a total gradient of 1 across the edge) and replicate padding (no border edges)."""
+    """sqrt(gx² + gy² + eps) of (B, 1, H, W) with the plain 3×3 Sobel kernels ([-1, 0, 1] ⊗ [1, 2, 1],
+    a unit step gives a total gradient of 8 across the edge) and replicate padding (no border edges)."""
     if x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(f"sobel_magnitude: expected (B, 1, H, W), got {tuple(x.shape)}")
     kx = _SOBEL_X.to(device=x.device, dtype=x.dtype)
@@ -86,7 +86,7 @@ class SegRefiner(SegmentationModule):
             raise ConfigError("model.net: expected a partial network (_partial_: true); SegRefiner sets "
                               "in_channels, out_channels and num_time_steps itself")
         try:
-            self_refine = RefineSettings.from_mapping(refine)
+            settings = RefineSettings.from_mapping(refine)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         super().__init__(net=net(in_channels=int(image_channels) + 1, out_channels=1,
@@ -94,10 +94,10 @@ class SegRefiner(SegmentationModule):
         self.image_channels = int(image_channels)
         self.diffusion = BinaryRefinementDiffusion(int(num_steps), float(beta_start))
         self.texture_weight, self.texture_pool = float(texture_weight), int(texture_pool)
-        self.refine_settings = self_refine
-        if self_refine.steps is not None and self_refine.steps > self.diffusion.num_steps:
+        self.refine_settings = settings
+        if settings.steps is not None and settings.steps > self.diffusion.num_steps:
             raise ConfigError(f"model.refine.steps: expected at most model.num_steps={num_steps}, "
-                              f"got {self_refine.steps}")
+                              f"got {settings.steps}")
 
     # ------------------------------------------------------------------ training
     def _coarse(self, batch: Mapping[str, Any]) -> torch.Tensor:

@@ -96,8 +96,6 @@ def test_resume_after_sigkill(tmp_path, cache_dir):
     assert (out / "metrics.json").is_file()
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 120
     assert (out / ".wandb_id").read_text() == wandb_id  # same W&B run continued
-    steps = [int(r["step"]) for r in csv.DictReader(open(out / "csv" / "metrics.csv")) if r.get("train/loss")]
-    assert max(steps) >= 110 and min(steps) < step_at_kill  # one log across both processes
 
 
 def _break(root: Path, how: str) -> str:

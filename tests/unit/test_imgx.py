@@ -353,7 +353,7 @@ def compose(*overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import diffseg.run  # noqa: F401 - registers the ${sum:...} resolver
+    import diffseg.cli  # noqa: F401 - registers the ${sum:...} resolver
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = hydra_compose("fit", ["experiment=imgx_brats", "data=brats_synthetic", "paths.output_dir=unused",
@@ -372,7 +372,7 @@ def compose(*overrides):
     ("imgx_1001_steps", lambda m: m.train_process.num_steps == 1001 and m.sample_process.num_steps == 5),
     ("imgx_loss_dice", lambda m: m.loss_name == "dice"),
     ("imgx_loss_ce", lambda m: m.loss_name == "ce"),
-    ("imgx_2d", lambda m: isinstance(m.net, SliceWise) and m.roi_size == (128, 128, 1)),
+    ("imgx_2d", lambda m: isinstance(m.net, SliceWise) and m.roi_size[2] == 1 and m.net.net.spatial_dims == 2),
 ])
 def test_configs_and_ablations_compose_and_build(scale, ablation, check):
     from hydra.utils import instantiate
@@ -383,6 +383,8 @@ def test_configs_and_ablations_compose_and_build(scale, ablation, check):
     net = model.net.net if isinstance(model.net, SliceWise) else model.net
     assert net.in_channels == 4 + 4 and net.out_channels == 4
     assert net.level_channels == ([8, 16, 32] if scale == "tiny" else [32, 64, 128, 256])
+    assert model.roi_size == {("tiny", True): (32, 32, 1), ("paper", True): (128, 128, 1),
+                              ("tiny", False): (32, 32, 32), ("paper", False): (128, 128, 128)}[scale, ablation == "imgx_2d"]
     opt = model.configure_optimizers()["optimizer"]
     assert opt.defaults["weight_decay"] == 1e-8 and cfg.trainer.gradient_clip_val == 1.0
     assert opt.defaults["lr"] == (3e-3 if scale == "tiny" else 1e-4)

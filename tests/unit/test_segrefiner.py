@@ -28,17 +28,17 @@ EPS = 1e-6
 # ----------------------------------------------------------------------------- texture loss
 def test_texture_loss_closed_form_step_edge():
     """Unit step at column c: after the 3-wide mean the row reads 0, 1/3, 2/3, 1 around the edge; the
-    normalised Sobel gives |g| = (v[x+1] - v[x-1]) / 2 = 1/6, 1/3, 1/3, 1/6 at x = c-2 .. c+1, 0 elsewhere.
+    Sobel gives |g| = 4·(v[x+1] - v[x-1]) = 4/3, 8/3, 8/3, 4/3 at x = c-2 .. c+1, 0 elsewhere.
     A constant prediction (p = 0.5) has no gradient, so the loss is the mean of sqrt(g²+eps) - sqrt(eps)."""
     h, w, c = 8, 16, 7
     target = torch.zeros(1, 1, h, w)
     target[..., c:] = 1.0
     prob = torch.full_like(target, 0.5)
-    g = torch.tensor([1 / 6, 1 / 3, 1 / 3, 1 / 6], dtype=torch.float64)
+    g = torch.tensor([4 / 3, 8 / 3, 8 / 3, 4 / 3], dtype=torch.float64)
     expected = h * (torch.sqrt(g ** 2 + EPS) - EPS ** 0.5).sum() / (h * w)
     got = texture_l1(prob, target, pool=3, eps=EPS)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert got.item() == pytest.approx(1.0 / w, rel=2e-2)  # total variation of a unit step, per column
+    assert got.item() == pytest.approx(8.0 / w, rel=1e-3)  # 8 x the total variation of a unit step
     # symmetric in its arguments and zero for identical inputs
     assert texture_l1(target, prob).item() == pytest.approx(got.item(), rel=1e-6)
     assert texture_l1(target, target).item() == 0.0
@@ -49,11 +49,11 @@ def test_texture_loss_matches_scipy_oracle():
     prob = rng.uniform(size=(2, 1, 12, 10))
     target = (rng.uniform(size=(2, 1, 12, 10)) > 0.5).astype(np.float64)
 
-    def mag(x):  # scipy: 3x3 mean (edge replicate), Sobel along both axes (edge replicate), / 8
+    def mag(x):  # scipy: 3x3 mean (edge replicate), Sobel along both axes (edge replicate)
         out = []
         for img in x[:, 0]:
             s = ndimage.uniform_filter(img, size=3, mode="nearest")
-            gy, gx = ndimage.sobel(s, axis=0, mode="nearest") / 8, ndimage.sobel(s, axis=1, mode="nearest") / 8
+            gy, gx = ndimage.sobel(s, axis=0, mode="nearest"), ndimage.sobel(s, axis=1, mode="nearest")
             out.append(np.sqrt(gx ** 2 + gy ** 2 + EPS))
         return np.stack(out)
 
@@ -62,7 +62,7 @@ def test_texture_loss_matches_scipy_oracle():
     assert got.item() == pytest.approx(expected, rel=1e-10)
     # pool=1: no smoothing, Sobel magnitude alone
     s = torch.tensor(prob[:1])
-    ref = np.hypot(ndimage.sobel(prob[0, 0], 0, mode="nearest"), ndimage.sobel(prob[0, 0], 1, mode="nearest")) / 8
+    ref = np.hypot(ndimage.sobel(prob[0, 0], 0, mode="nearest"), ndimage.sobel(prob[0, 0], 1, mode="nearest"))
     np.testing.assert_allclose(sobel_magnitude(s, eps=0.0)[0, 0].numpy(), ref, atol=1e-12)
 
 
