@@ -13,7 +13,7 @@ training size also ``global`` (the global pass alone, ``test/global_*``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +68,7 @@ class SegRefiner(SegmentationModule):
 
     def __init__(
         self,
-        net: Callable[..., nn.Module],
-        image_channels: int,
+        net: nn.Module,
         num_steps: int = 6,
         beta_start: float = 0.8,
         texture_weight: float = 5.0,
@@ -77,21 +76,25 @@ class SegRefiner(SegmentationModule):
         refine: Mapping[str, Any] | None = None,
         **kwargs,
     ):
-        """``net``: a partial TimeUNet; the model completes it with in_channels = image_channels + 1
-        (image + m_t), out_channels = 1 (fine-mask logit) and num_time_steps = num_steps."""
+        """``net``: a TimeUNet on [image, m_t] (in_channels = image channels + 1) with one output channel
+        and a learned embedding per step (time_embedding="learned", num_time_steps = num_steps)."""
         if kwargs.get("num_classes") != 2 or kwargs.get("spatial_dims") != 2:
             raise ConfigError(f"SegRefiner refines 2D binary masks: expected data.num_classes=2 and "
                               f"data.spatial_dims=2, got {kwargs.get('num_classes')} and {kwargs.get('spatial_dims')}")
-        if isinstance(net, nn.Module):
-            raise ConfigError("model.net: expected a partial network (_partial_: true); SegRefiner sets "
-                              "in_channels, out_channels and num_time_steps itself")
+        layout = {k: getattr(net, k, None) for k in ("in_channels", "out_channels", "time_embedding", "num_time_steps")}
+        expected = {"out_channels": 1, "time_embedding": "learned", "num_time_steps": int(num_steps)}
+        wrong = [f"model.net.{k}={layout[k]!r} (expected {v!r})" for k, v in expected.items() if layout[k] != v]
+        if not isinstance(layout["in_channels"], int) or layout["in_channels"] < 2:
+            wrong.append(f"model.net.in_channels={layout['in_channels']!r} (expected image channels + 1)")
+        if wrong:
+            raise ConfigError("SegRefiner's denoiser takes [image, m_t] and returns one logit per pixel with a "
+                              "learned embedding per step: " + ", ".join(wrong))
         try:
             settings = RefineSettings.from_mapping(refine)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        super().__init__(net=net(in_channels=int(image_channels) + 1, out_channels=1,
-                                 num_time_steps=int(num_steps)), **kwargs)
-        self.image_channels = int(image_channels)
+        super().__init__(net=net, **kwargs)
+        self.image_channels = layout["in_channels"] - 1
         self.diffusion = BinaryRefinementDiffusion(int(num_steps), float(beta_start))
         self.texture_weight, self.texture_pool = float(texture_weight), int(texture_pool)
         self.refine_settings = settings

@@ -79,17 +79,19 @@ BASE = dict(num_classes=2, spatial_dims=2, regions={"foreground": [1]},
 
 
 def tiny_unet(**kw):
-    return partial(TimeUNet, spatial_dims=2, channels=[8, 16], num_res_blocks=1, attention_levels=[1],
-                   time_embedding="learned", activation="silu", upsample="nearest", **kw)
+    return TimeUNet(spatial_dims=2, in_channels=4, out_channels=1, channels=[8, 16], num_res_blocks=1,
+                    attention_levels=[1], time_embedding="learned", num_time_steps=6, activation="silu",
+                    upsample="nearest", **kw)
 
 
 class StubNet(torch.nn.Module):
     """Logit = gain · (2·m_t - 1) (keep the mask) or = the first image channel (the image holds the logits)."""
 
-    def __init__(self, in_channels, out_channels, num_time_steps, mode="keep"):
+    in_channels, out_channels, time_embedding, num_time_steps = 4, 1, "learned", 6
+
+    def __init__(self, mode="keep"):
         super().__init__()
-        assert out_channels == 1
-        self.in_channels, self.mode = in_channels, mode
+        self.mode = mode
         self.calls = []
 
     def forward(self, x, t):
@@ -101,7 +103,7 @@ class StubNet(torch.nn.Module):
 
 
 def stub_model(mode="keep", refine=None, **kw):
-    return SegRefiner(net=partial(StubNet, mode=mode), image_channels=3, refine=refine, **{**BASE, **kw})
+    return SegRefiner(net=StubNet(mode), refine=refine, **{**BASE, **kw})
 
 
 def shapes_batch(n=2, size=32, seed=0):
@@ -118,8 +120,8 @@ def shapes_batch(n=2, size=32, seed=0):
 # ----------------------------------------------------------------------------- training
 def test_training_loss_finite_with_gradients_and_components():
     torch.manual_seed(0)
-    model = SegRefiner(net=tiny_unet(), image_channels=3, **BASE)
-    assert model.net.in_channels == 4 and model.net.out_channels == 1 and model.net.num_time_steps == 6
+    model = SegRefiner(net=tiny_unet(), **BASE)
+    assert model.image_channels == 3
     batch = shapes_batch()
     loss, logs = model.training_loss(batch)
     assert torch.isfinite(loss)
@@ -156,13 +158,17 @@ def test_training_input_is_q_sample_of_gt_and_coarse():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="2D binary"):
-        SegRefiner(net=tiny_unet(), image_channels=3, **{**BASE, "num_classes": 3})
+        SegRefiner(net=tiny_unet(), **{**BASE, "num_classes": 3})
     with pytest.raises(ConfigError, match="unknown key"):
         stub_model(refine={"locall": True})
     with pytest.raises(ConfigError, match="threshold"):
         stub_model(refine={"threshold": 0.0})
-    with pytest.raises(ConfigError, match="partial"):
-        SegRefiner(net=TimeUNet(2, 4, 1, channels=[8]), image_channels=3, **BASE)
+    with pytest.raises(ConfigError, match="time_embedding='sinusoidal'"):
+        SegRefiner(net=TimeUNet(2, 4, 1, channels=[8]), **BASE)
+    with pytest.raises(ConfigError, match="num_time_steps=6 .expected 10"):
+        SegRefiner(net=tiny_unet(), num_steps=10, **BASE)
+    with pytest.raises(ConfigError, match="out_channels=2"):
+        SegRefiner(net=TimeUNet(2, 4, 2, channels=[8], time_embedding="learned", num_time_steps=6), **BASE)
     with pytest.raises(ConfigError, match="coarse_dir"):
         stub_model().training_loss({"image": torch.zeros(1, 3, 32, 32), "label": torch.zeros(1, 1, 32, 32)})
 
@@ -276,7 +282,7 @@ def test_predict_case_windows_the_coarse_mask_with_the_image(size):
 
 
 def test_predict_is_reproducible_per_case():
-    model = SegRefiner(net=tiny_unet(), image_channels=3, **BASE).eval()
+    model = SegRefiner(net=tiny_unet(), **BASE).eval()
     batch = shapes_batch(1)
     a = model.predict_case(batch["image"], "c1", batch)[FINAL]
     b = model.predict_case(batch["image"], "c1", batch)[FINAL]
@@ -363,3 +369,40 @@ def test_model_uses_global_local_only_when_asked_and_larger():
     assert set(small) == {FINAL, "coarse"}  # no larger than the training size: plain refinement
     window = stub_model("image").eval().predict_case(image, "c", coarse)
     assert set(window) == {FINAL, "coarse"}  # local: false -> sliding window
+
+
+# ----------------------------------------------------------------------------- refine.py helpers
+def test_refine_pairs_files_by_stem_and_lists_every_missing_partner(tmp_path):
+    from PIL import Image
+
+    from diffseg.refine import pair_files
+
+    def write(folder, *stems):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        for s in stems:
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / folder / f"{s}.png")
+        return tmp_path / folder
+
+    images, coarse, masks = write("im", "a", "b", "c"), write("co", "a", "b", "x"), write("gt", "a", "c")
+    with pytest.raises(DataError) as err:
+        pair_files(images, coarse, masks)
+    msg = str(err.value)
+    assert "no coarse mask for 1 stem(s): ['c']" in msg and "no image for 1 stem(s): ['x']" in msg
+    assert "no ground-truth mask for 2 stem(s): ['b', 'x']" in msg and "match=coarse" in msg
+    cases = pair_files(images, write("co2", "a", "b"), match="coarse")  # the coarse masks choose
+    assert [c["case_id"] for c in cases] == ["a", "b"] and all("label" not in c for c in cases)
+    assert pair_files(images, write("co3", "a"), write("gt3", "a"), match="coarse")[0]["label"].endswith("a.png")
+    with pytest.raises(ConfigError, match="match"):
+        pair_files(images, coarse, match="all")
+
+
+def test_refine_binarises_coarse_masks():
+    from diffseg.refine import binarise_coarse
+
+    mask = np.array([[[0, 255], [255, 0]]], np.uint8)
+    assert binarise_coarse(mask, "m.png", None).tolist() == [[[[0.0, 1.0], [1.0, 0.0]]]]
+    assert binarise_coarse(mask // 255, "m.png", None).sum() == 2  # 0/1 masks too
+    soft = np.array([[[0, 100], [200, 255]]], np.uint8)
+    with pytest.raises(DataError, match="4 gray levels.*coarse_threshold"):
+        binarise_coarse(soft, "soft.png", None)
+    assert binarise_coarse(soft, "soft.png", 128).tolist() == [[[[0.0, 0.0], [1.0, 1.0]]]]
