@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from diffseg.diffusion.gaussian import SAMPLERS, VARIANCES, GaussianDiffusion
-from diffseg.diffusion.schedules import BETA_SCHEDULES, beta_schedule
+from diffseg.diffusion.schedules import BETA_SCHEDULES, beta_schedule, evenly_spaced_indices
 from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples
 from diffseg.models.base import FINAL, SegmentationModule
 from diffseg.models.losses import LOSSES, segmentation_loss
@@ -58,6 +58,7 @@ class SamplingSettings:
     sampler: str = "ddpm"           # ddpm | ddim
     num_samples: int = 1            # samples per window, one batch, averaged in probability space
     eta: float = 0.0                # DDIM noise (0 = deterministic)
+    step_outputs: int | None = None # per-step outputs: None = every step, k = k evenly spaced incl. the last
 
 
 def _settings(cls, values: Mapping[str, Any] | None, key: str):
@@ -159,13 +160,23 @@ class ImgXDiffSeg(SegmentationModule):
         _positive_int(sampling.num_samples, "model.sampling.num_samples")
         if not float(sampling.eta) >= 0:
             raise ConfigError(f"model.sampling.eta: expected >= 0, got {sampling.eta!r}")
+        if sampling.step_outputs is not None:
+            _positive_int(sampling.step_outputs, "model.sampling.step_outputs")
         self.sample_process = self._respace(sampling.steps, exact=False, key="model.sampling.steps")
         self.sampling = sampling
         return sampling
 
     @property
+    def recorded_steps(self) -> list[int]:
+        """Sampling steps (1-based, in sampling order) returned as ``step/i`` outputs; the last always."""
+        s, k = self.sampling.steps, self.sampling.step_outputs
+        if k is None or k >= s:
+            return list(range(1, s + 1))
+        return (evenly_spaced_indices(s, k, exact=False) + 1).tolist()
+
+    @property
     def output_prefixes(self) -> dict[str, str]:
-        names = [FINAL] + [f"step/{i}" for i in range(1, self.sampling.steps + 1)]
+        names = [FINAL] + [f"step/{i}" for i in self.recorded_steps]
         if self.sampling.num_samples > 1:
             names += [f"samples/{n}" for n in range(1, self.sampling.num_samples + 1)]
         return {name: "" if name == FINAL else f"{name}/" for name in names}
@@ -220,8 +231,8 @@ class ImgXDiffSeg(SegmentationModule):
         _, x0_hats = self.sample_process.sample(
             lambda x_t, t_model: self.denoise(images, x_t, t_model), shape, sampler=s.sampler,
             eta=float(s.eta), generator=self.case_generator(), device=image.device, dtype=torch.float32)
-        outputs = {f"step/{i}": split_samples(probs_from_x0(x0_hat), n).mean(0)
-                   for i, x0_hat in enumerate(x0_hats[:-1], start=1)}
+        outputs = {f"step/{i}": split_samples(probs_from_x0(x0_hats[i - 1]), n).mean(0)
+                   for i in self.recorded_steps[:-1]}
         # running means over samples of the last step; the mean of all N is the prediction
         means = prefix_means(split_samples(probs_from_x0(x0_hats[-1]), n))
         outputs[f"step/{len(x0_hats)}"] = outputs[FINAL] = means[-1]

@@ -1,15 +1,14 @@
 """Timing and memory helpers shared by the subcommands of scripts/benchmark.py.
 
 ``measure(fn)`` runs a callable a few times (after warm-up, synchronising CUDA) and reports the
-median wall time and the peak memory of the measured calls: ``torch.cuda.max_memory_allocated`` on
-GPU, the peak resident set size sampled from /proc on CPU (above the level before the call).
+median wall time and the peak tensor memory above the level before the call:
+``torch.cuda.max_memory_allocated`` on GPU, the profiler's allocation records on CPU (``CpuPeak``).
 ``model_from_config`` builds a model from the Hydra configs exactly as scripts/fit.py would.
 """
 from __future__ import annotations
 
 import contextlib
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,42 +17,36 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments"
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 @dataclass
 class Measurement:
-    seconds: float         # median over repeats
+    seconds: float         # best of the repeats (timeit convention: interference only adds time)
+    median: float
     all_seconds: list[float]
     peak_mb: float         # peak memory during the measured calls (see module docstring)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * 4096
+class CpuPeak:
+    """Peak memory of live CPU tensors during a block (the CPU analogue of max_memory_allocated),
+    from the profiler's allocation records: running sum of every op's own allocations and frees in
+    time order. RSS cannot be used: the allocator keeps freed pages, so it hides reuse."""
 
+    def __enter__(self) -> "CpuPeak":
+        from torch.profiler import ProfilerActivity, profile
 
-class PeakRSS:
-    """Peak resident set size above the starting level, sampled every ``interval`` seconds in a thread
-    (CPU tensors do not go through tracemalloc; ru_maxrss cannot be reset between measurements)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes() - self.start)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self.start = _rss_bytes()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes() - self.start)
+        self._prof.__exit__(*exc)
+        events = sorted(self._prof.events(), key=lambda e: e.time_range.start)
+        live = self.peak = 0
+        for event in events:
+            live += event.self_cpu_memory_usage
+            self.peak = max(self.peak, live)
 
 
 def synchronize(device: torch.device) -> None:
@@ -69,32 +62,38 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def measure(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1,
-            bf16: bool = False) -> Measurement:
-    """Median wall time of ``fn()`` under no_grad (and bf16 autocast) plus its peak memory."""
+            bf16: bool = False, clock: str = "wall") -> Measurement:
+    """Best and median wall time of ``fn()`` under no_grad (and bf16 autocast) plus its peak memory:
+    on GPU over the timed calls; on CPU during the first call (profiled; a timed one when warmup=0,
+    where the profiler's per-op overhead is negligible next to large convolutions).
+
+    clock: "wall" (perf_counter) or "process" (CPU time of this process, all threads: on a CPU shared
+    with other jobs it leaves out the time the process waited, so ratios stay meaningful)."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {list(CLOCKS)}, got {clock!r}")
+    now = CLOCKS[clock]
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    peak, times = 0.0, []
     with torch.no_grad(), autocast(device, bf16):
-        for _ in range(warmup):
-            fn()
-        synchronize(device)
-        times = []
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            tracker = contextlib.nullcontext()
-        else:
-            tracker = PeakRSS()
-        with tracker:
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
+        for i in range(warmup + repeats):
+            if i == warmup:
                 synchronize(device)
-                times.append(time.perf_counter() - start)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+            tracker = CpuPeak() if i == 0 and device.type == "cpu" else contextlib.nullcontext()
+            start = now()
+            with tracker:
+                fn()
+            synchronize(device)
+            if i >= warmup:
+                times.append(now() - start)
+            if isinstance(tracker, CpuPeak):
+                peak = tracker.peak
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) - base
-        else:
-            peak = tracker.peak
-    return Measurement(statistics.median(times), times, peak / 2**20)
+    return Measurement(min(times), statistics.median(times), times, peak / 2**20)
 
 
 def model_from_config(overrides: Sequence[str], data_info: Mapping[str, Any], config_name: str = "fit"):

@@ -79,8 +79,8 @@ def test_brats_experiment_on_msd_layout_data(tmp_path, cache_dir):
     assert {"test/dice/structure1", "test/dice/structure2", "test/step/5/dice/structure2"} <= m.keys()
 
 
-def test_missing_data_root_is_one_message(cache_dir):
-    proc = run_script("fit.py", "experiment=imgx_brats", check=False, cache=cache_dir)
+def test_missing_data_root_is_one_message(cache_dir, tmp_path):
+    proc = run_script("fit.py", "experiment=imgx_brats", f"hydra.run.dir={tmp_path}", check=False, cache=cache_dir)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: data.root is not set"), proc.stderr

@@ -196,6 +196,18 @@ def test_sampling_outputs_from_one_model(trained, steps, num_samples):
     assert model.output_prefixes[f"step/{steps}"] == f"step/{steps}/" and model.output_prefixes["final"] == ""
 
 
+def test_step_outputs_keep_evenly_spaced_steps(trained):
+    model = trained
+    model.configure_sampling(steps=10, num_samples=1, step_outputs=3)
+    assert model.recorded_steps == [1, 6, 10]  # round(linspace(0, 9, 3)) + 1
+    with torch.no_grad():
+        model._case_generator = torch.Generator().manual_seed(0)
+        out = model.predict_window(make_batch(b=1)["image"])
+    assert set(out) == {"final", "step/1", "step/6", "step/10"} == set(model.output_prefixes)
+    model.configure_sampling(step_outputs=None)
+    assert model.recorded_steps == list(range(1, 11))
+
+
 def test_two_step_ddpm_sampling_matches_closed_form(trained):
     """Steps 1000 -> 0 of the base schedule, DDPM posterior (methods.md §1) written out in float64."""
     model = trained
@@ -337,6 +349,7 @@ def test_sampling_under_bf16_autocast(trained):
     ({"sampling": {"num_samples": 0}}, r"model.sampling.num_samples"),
     ({"sampling": {"sampler": "euler"}}, r"model.sampling.sampler: expected one of ddpm \| ddim"),
     ({"sampling": {"eta": -1}}, r"model.sampling.eta"),
+    ({"sampling": {"step_outputs": 0}}, r"model.sampling.step_outputs: expected a positive integer"),
     ({"recycling": "always"}, r"model.recycling: expected one of none \| next \| max"),
     ({"loss": "focal"}, r"model.loss: expected one of dice_ce \| dice \| ce \| mse"),
 ])
