@@ -111,7 +111,9 @@ def bench_segdiff(args) -> list[dict]:
     rows = []
     for scale in args.scale or ["tiny"]:
         overrides = ["experiment=segdiff_folder2d", "data=shapes2d", f"scale={scale}",
-                     f"model.compile={str(args.compile).lower()}", *args.override]
+                     f"model.compile={str(args.compile).lower()}",
+                     # the paper net (7 levels, attention at 16x16 and 8x8) is the 256-px one
+                     *(["data.patch_size=[256,256]"] if scale == "paper" else []), *args.override]
         model, cfg = model_from_config(overrides, FOLDER2D_INFO)
         model = model.to(device).eval()
         repeats = args.repeats or (1 if scale == "paper" and device.type == "cpu" else 3)
@@ -125,8 +127,8 @@ def bench_segdiff(args) -> list[dict]:
             return lambda: model.predict_window(image)
 
         n = args.samples
-        one = measure(sample(1), device, repeats=repeats, warmup=args.warmup, bf16=args.bf16)
-        batch = measure(sample(n), device, repeats=repeats, warmup=args.warmup, bf16=args.bf16)
+        one = measure(sample(1), device, repeats=repeats, warmup=args.warmup, bf16=args.bf16, clock=args.clock)
+        batch = measure(sample(n), device, repeats=repeats, warmup=args.warmup, bf16=args.bf16, clock=args.clock)
         rows.append({
             "scale": scale, "patch": "x".join(map(str, patch)), "steps": model.sampler.num_steps, "N": n,
             "sample1_s": one.seconds, f"batch{n}_s": batch.seconds,

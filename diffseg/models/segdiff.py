@@ -89,6 +89,9 @@ class SegDiff(SegmentationModule):
     is not used: its on_load_checkpoint restores the RAW weights ("current_model_state") into the
     module when trainer.test(ckpt_path=best) runs in the trainer that trained, and it swaps the
     weights for validation only, so the test would not use the EMA weights.
+
+    ``model.compile=true`` compiles the network's forward (training); sampling calls the uncompiled
+    ``encode_image``/``denoise`` of the EMA copy (or of the network when there is no EMA).
     """
 
     def __init__(

@@ -34,16 +34,19 @@ def untrained(tmp_path_factory, cache_dir):
 
 def test_training_beats_the_untrained_model(trained, untrained):
     assert trained["test/num_cases"] == untrained["test/num_cases"] == 13
-    # measured (2 CPU threads): see the report; the untrained model's IoU is about the foreground fraction
-    assert trained["test/iou"] >= untrained["test/iou"] + 0.1, (trained["test/iou"], untrained["test/iou"])
-    assert trained["test/dice"] > untrained["test/dice"]
+    # measured (1200 steps, 2 threads): IoU 0.22 trained (samples/1 0.19 -> samples/3 0.22) vs 0.11 untrained
+    # (about the foreground fraction: the untrained sampler returns noise)
+    assert trained["test/iou"] >= max(untrained["test/iou"] + 0.06, 1.5 * untrained["test/iou"]), \
+        (trained["test/iou"], untrained["test/iou"])
+    assert trained["test/dice"] > untrained["test/dice"] + 0.06
 
 
 def test_monuseg_experiment_on_a_folder(tmp_path, cache_dir):
     root = write_shapes2d(tmp_path / "monuseg_like", num_cases=12, size=64, seed=3)
     out = tmp_path / "run"
     run_script("fit.py", "experiment=segdiff_monuseg", "data=folder2d", f"data.root={root}", "scale=tiny",
-               "trainer.max_steps=16", "save_predictions=true", "logger=csv", "trainer.enable_progress_bar=false",
+               "trainer.max_steps=16", "trainer.check_val_every_n_epoch=1", "save_predictions=true", "logger=csv",
+               "trainer.enable_progress_bar=false",
                f"hydra.run.dir={out}", cache=cache_dir)
     metrics = read_metrics(out)
     for prefix in ["", *(f"samples/{k}/" for k in range(1, NUM_SAMPLES + 1))]:
