@@ -16,7 +16,6 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import diffseg.cli  # noqa: F401 - registers the config resolvers (${sum:...})
@@ -181,11 +180,6 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         if hasattr(logger, "experiment") and hasattr(logger, "finalize"):
             logger.finalize("success")
     return metrics
-
-
-@rank_zero_only
-def print_rank_zero(text: str) -> None:
-    print(text)
 
 
 def load_model(ckpt_path: str | os.PathLike, overrides: DictConfig | dict | None = None):

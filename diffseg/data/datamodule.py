@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -343,10 +342,3 @@ class SegDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
-
-    def eval_dataset_len(self, name: str) -> int:
-        return len(self.datasets[name]) if name in self.datasets else 0
-
-    def steps_per_epoch(self) -> int:
-        _, world = self._dist()
-        return max(1, math.floor(self.samples_per_epoch / (self.batch_size * world)))

@@ -41,8 +41,7 @@ def save_panel_grid(path: str | os.PathLike, panels: Sequence[tuple]) -> Path:
     for row, (_, case_id, img, gt, pred) in zip(axes, panels):
         for ax, arr, title in zip(row, (img, gt, pred), ("image", "ground truth", "prediction")):
             ax.imshow(arr.T if arr.ndim == 2 else arr, cmap="gray" if title == "image" else "viridis",
-                      vmin=None if title == "image" else 0, vmax=None if title == "image" else vmax,
-                      origin="lower" if img.ndim == 2 and gt.ndim == 2 and False else "upper")
+                      vmin=None if title == "image" else 0, vmax=None if title == "image" else vmax)
             ax.set_title(f"{case_id}: {title}" if title == "image" else title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
