@@ -2,13 +2,15 @@
 
 scripts/fit.py is a thin Hydra entry point around ``fit``. Outputs of a run in DIR
 (``hydra.run.dir``): config.yaml (resolved), splits.json, checkpoints/{best,last}.ckpt,
-metrics.json (test metrics of the best checkpoint), test_cases.csv, csv/ logs, wandb/, plots/.
+metrics.json (test metrics of the best checkpoint), test_cases.csv, run_info.json (parameters, training
+time, prediction seconds per case, peak memory), csv/ logs, wandb/, plots/.
 """
 from __future__ import annotations
 
 import csv
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import diffseg.cli  # noqa: F401 - registers the config resolvers (${sum:...})
 from diffseg.data.datamodule import SegDataModule
 from diffseg.metrics.scoring import scalar_view
-from diffseg.utils.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
+from diffseg.utils.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint, FinalCheckpoint
 from diffseg.utils.errors import ConfigError
 from diffseg.utils.outputs import atomic_write_text, write_json
 
@@ -76,7 +78,9 @@ def _wandb_id(out_dir: Path, resume: bool) -> str:
         return path.read_text().strip()
     import secrets
 
-    run_id = secrets.token_hex(4)  # W&B run ids: 8 lowercase alphanumerics
+    # a `wandb agent` (W&B sweep) assigns the run id through WANDB_RUN_ID: keep it, or the run
+    # would leave its sweep; otherwise a new id (8 lowercase alphanumerics, as W&B's own)
+    run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
     if is_rank_zero():
         atomic_write_text(path, run_id)
     return run_id
@@ -89,7 +93,7 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
             continue
         kwargs: dict[str, Any] = {}
         if "wandb" in str(lcfg.get("_target_", "")).lower():
-            kwargs["id"] = _wandb_id(out_dir, bool(cfg.resume))
+            kwargs["id"] = _wandb_id(out_dir, bool(cfg.get("resume", False)))
         loggers.append(instantiate(lcfg, **kwargs))
     return loggers
 
@@ -104,6 +108,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, *, loggers: list | None = None
                             enable_version_counter=False, auto_insert_metric_name=False),
             ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=int(cfg.checkpoint_every),
                             save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True),
+            FinalCheckpoint(ckpt_dir / "last.ckpt"),
         ]
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -128,6 +133,34 @@ def write_test_outputs(model, out_dir: Path) -> dict[str, float]:
             writer.writeheader()
             writer.writerows(sorted(rows, key=lambda r: (r["output"], r["case_id"])))
     return metrics
+
+
+def peak_memory_mb(device: torch.device | None = None) -> tuple[float, str]:
+    """(peak MiB, what was measured): CUDA allocator peak on a GPU, else the process's peak RSS."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"  # Linux: KiB
+
+
+def write_run_info(model, out_dir: Path, train_seconds: float | None = None) -> dict[str, Any]:
+    """DIR/run_info.json: the cost side of a run (compare.py's leaderboard reads it): network
+    parameters (the EMA copy not counted), training wall seconds (of this process; a resumed run
+    counts its own part), mean prediction seconds per test case, peak memory and the device."""
+    net = getattr(model, "_raw_net", model.net)
+    memory, memory_kind = peak_memory_mb(model.device)
+    info = {
+        "parameters": int(sum(p.numel() for p in net.parameters())),
+        "train_seconds": None if train_seconds is None else round(float(train_seconds), 3),
+        "test_seconds_per_case": model.test_seconds_per_case,
+        "peak_memory_mb": round(memory, 1),
+        "peak_memory_kind": memory_kind,
+        "device": str(model.device),
+    }
+    if is_rank_zero():
+        write_json(out_dir / "run_info.json", info)
+    return info
 
 
 def format_table(metrics: dict[str, float], title: str = "test metrics (best checkpoint)") -> str:
@@ -168,12 +201,15 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(cfg, out_dir, loggers=loggers)
+    start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    train_seconds = time.perf_counter() - start
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     test_ckpt = best if best and Path(best).is_file() else (str(last) if last.is_file() else None)
     trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
     metrics = write_test_outputs(model, out_dir)
+    write_run_info(model, out_dir, train_seconds)
     if is_rank_zero() and trainer.is_global_zero:
         print(format_table(metrics, f"test metrics ({Path(test_ckpt).name if test_ckpt else 'final weights'})"))
     for logger in loggers:
@@ -199,12 +235,11 @@ def load_model(ckpt_path: str | os.PathLike, overrides: DictConfig | dict | None
     return model, cfg
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test a checkpoint (``cfg.ckpt``) on the test split of its data set (or of ``data`` overrides):
-    writes metrics.json / test_cases.csv / plots into the run directory, prints the table."""
-    out_dir = Path(cfg.paths.output_dir)
+def test_checkpoint(cfg: DictConfig, overrides: dict | DictConfig, out_dir: Path) -> tuple[dict[str, float], float]:
+    """Test ``cfg.ckpt`` with config ``overrides`` on ``cfg.trainer``; writes metrics.json,
+    test_cases.csv, run_info.json and plots into ``out_dir``. Returns (metrics, seconds per case)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    overrides = OmegaConf.to_container(cfg.overrides, resolve=True) if cfg.get("overrides") is not None else {}
+    overrides = OmegaConf.to_container(OmegaConf.create(overrides), resolve=True)
     overrides.setdefault("model", {})["output_dir"] = str(out_dir)
     model, run_cfg = load_model(cfg.ckpt, overrides)
     with open_dict(run_cfg):
@@ -214,6 +249,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(run_cfg, out_dir, loggers=[], training=False)
     trainer.test(model, datamodule=dm, verbose=False)
     metrics = write_test_outputs(model, out_dir)
+    write_run_info(model, out_dir)
     if is_rank_zero() and trainer.is_global_zero:
         print(format_table(metrics, f"test metrics ({Path(cfg.ckpt).name})"))
-    return metrics
+    return metrics, model.test_seconds_per_case
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test a checkpoint (``cfg.ckpt``) on the test split of its data set (or of ``data`` overrides):
+    writes metrics.json / test_cases.csv / plots into the run directory, prints the table. With
+    ``sweep.steps`` / ``sweep.samples`` set, runs the sampling sweep instead (diffseg.sweep)."""
+    from diffseg.sweep import log_sweep, sampling_sweep
+
+    out_dir = Path(cfg.paths.output_dir)
+    overrides = cfg.get("overrides") or {}
+    sweep = cfg.get("sweep") or {}
+    if sweep.get("steps") is None and sweep.get("samples") is None:
+        metrics, _ = test_checkpoint(cfg, overrides, out_dir)
+        return metrics
+    rows, columns, plots = sampling_sweep(cfg, lambda ov, d: test_checkpoint(cfg, ov, d))
+    if is_rank_zero():
+        log_sweep(build_loggers(cfg, out_dir), rows, columns, plots)
+        print((out_dir / "sweep.md").read_text())
+    return {f"steps={r['steps']},samples={r['samples']}": r for r in rows}

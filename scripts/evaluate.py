@@ -1,4 +1,5 @@
-"""Test a trained checkpoint: python scripts/evaluate.py ckpt=DIR/checkpoints/best.ckpt [overrides.KEY=VALUE ...]"""
+"""Test a trained checkpoint: python scripts/evaluate.py ckpt=DIR/checkpoints/best.ckpt (or ckpt=DIR: the run's best, else
+last, checkpoint) [+overrides.KEY=VALUE ...] [sweep.steps=[..] sweep.samples=[..]]"""
 import sys
 from pathlib import Path
 

@@ -29,14 +29,18 @@ from diffseg.data.integrity import assert_dataset_ok
 from diffseg.data.transforms import deterministic_transforms, random_transforms
 
 SPLITS = ("train", "val", "test")
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
 def load_or_make_splits(
-    cases: Sequence[Case], root: Path, fractions: Sequence[float], seed: int
+    cases: Sequence[Case], root: Path, fractions: Sequence[float], seed: int, splits_file: str | None = None
 ) -> dict[str, list[str]]:
-    """``ROOT/splits.json`` when present (validated), else a seeded split by fractions."""
+    """``splits_file`` (data.splits_file) or else ``ROOT/splits.json`` when present (validated), else a
+    seeded split by fractions."""
     ids = [c.id for c in cases]
-    path = Path(root) / "splits.json"
+    path = Path(splits_file) if splits_file else Path(root) / "splits.json"
+    if splits_file and not path.is_file():
+        raise DataError(f"data.splits_file={splits_file}: no such file (expected JSON with train/val/test case ids)")
     if path.is_file():
         try:
             splits = json.loads(path.read_text())
@@ -131,6 +135,7 @@ class SegDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
         split_seed: int = 0,
+        splits_file: str | None = None,
         foreground_ratio: float = 0.5,
         augment: bool = True,
         rotate_degrees: float = 0.0,
@@ -163,6 +168,7 @@ class SegDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.split_fractions = tuple(split_fractions)
         self.split_seed = int(split_seed)
+        self.splits_file = None if splits_file is None else str(splits_file)
         self.foreground_ratio = float(foreground_ratio)
         self.augment_kwargs = dict(
             augment=augment, rotate_degrees=rotate_degrees, scale_range=scale_range, color_jitter=color_jitter
@@ -236,7 +242,7 @@ class SegDataModule(L.LightningDataModule):
         cases = {c.id: c for c in self.source.cases()}
         if self.splits is None:
             self.splits = load_or_make_splits(list(cases.values()), Path(self.source.root),
-                                              self.split_fractions, self.split_seed)
+                                              self.split_fractions, self.split_seed, self.splits_file)
         return {k: [cases[i] for i in ids] for k, ids in self.splits.items()}
 
     def check(self, fast: bool = True) -> None:
@@ -287,17 +293,18 @@ class SegDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         info = self.info
         splits = self.case_splits()
-        with_coarse = any(c.coarse is not None for c in self.source.cases())
+        coarse_dir = getattr(self.source, "coarse_dir", None)
+        with_coarse = coarse_dir is not None or any(c.coarse is not None for c in self.source.cases())
         extra = ["coarse"] if with_coarse else []
         common = dict(spatial_dims=info.spatial_dims, label_map=info.label_map, patch_size=self.patch_size,
                       extra_label_keys=extra, target_spacing=self.target_spacing, resize=self.resize)
-        for name in SPLITS:
+        for name in STAGE_SPLITS.get(stage, SPLITS):
             if name in self.datasets or not splits[name]:
                 continue
-            if stage == "fit" and name == "test":
-                continue
-            if stage in ("test", "validate", "predict") and name == "train":
-                continue
+            no_coarse = [c.id for c in splits[name] if with_coarse and c.coarse is None]
+            if no_coarse:  # coarse masks (e.g. another model's test predictions) must cover the split used
+                raise DataError(f"{coarse_dir}: no coarse mask for {len(no_coarse)} case(s) of the {name} split "
+                                f"(expected one per image stem, missing {no_coarse[:10]})")
             det = deterministic_transforms(**common)
             if name != "train":
                 det = det + self.extra_eval_transforms

@@ -11,7 +11,7 @@ and broadcast over any number of trailing dims (2D and 3D masks alike).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -22,6 +22,21 @@ VARIANCES = ("fixed_small", "fixed_large")
 SAMPLERS = ("ddpm", "ddim")
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn_per_sample(shape, generator: Generators, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise of ``shape``. With a SEQUENCE of N generators the batch is N equal,
+    sample-major chunks (see inference.samples) and chunk s is drawn from generator s only, so
+    sample s of an input gets the same noise whatever N is: the first k of N samples are exactly a
+    k-sample run (evaluation sweeps read every sample count from one N-sample pass)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    gens = list(generator)
+    if not gens or shape[0] % len(gens):
+        raise ValueError(f"a batch of {shape[0]} cannot be split into {len(gens)} per-sample chunks")
+    chunk = (shape[0] // len(gens), *shape[1:])
+    return torch.cat([torch.randn(chunk, generator=g, device=device, dtype=dtype) for g in gens])
 
 
 class GaussianDiffusion(Float64BufferModule):
@@ -254,7 +269,7 @@ class GaussianDiffusion(Float64BufferModule):
         *,
         sampler: str = "ddpm",
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         device=None,
         dtype: torch.dtype = torch.float32,
         x_T: torch.Tensor | None = None,
@@ -265,7 +280,8 @@ class GaussianDiffusion(Float64BufferModule):
         float32 (B,) holding the ORIGINAL timestep index ``self.timesteps[t]``. Returns
         (x0_final, x0_hats): the x̂0 of every step in sampling order (K entries), the last being
         the final prediction (for DDPM/DDIM the t = 0 step returns exactly x̂0). The loop does no
-        host-device synchronisation.
+        host-device synchronisation. ``generator``: one generator, or one per sample chunk
+        (``randn_per_sample``).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
@@ -274,7 +290,7 @@ class GaussianDiffusion(Float64BufferModule):
         device = torch.device(device) if device is not None else self.betas.device
         if x_T is None:
             shape = tuple(shape)
-            x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            x = randn_per_sample(shape, generator, device, dtype)
         else:
             if tuple(x_T.shape) != tuple(shape):
                 raise ValueError(f"x_T: expected shape {tuple(shape)}, got {tuple(x_T.shape)}")
@@ -291,13 +307,12 @@ class GaussianDiffusion(Float64BufferModule):
             self._check_same_shape(out, x, "denoise_fn output")
             last = i == self.num_steps - 1  # python loop index, not a tensor value
             if sampler == "ddpm":
-                noise = torch.zeros_like(x) if last else torch.randn(
-                    x.shape, generator=generator, device=device, dtype=dtype)
+                noise = torch.zeros_like(x) if last else randn_per_sample(x.shape, generator, device, dtype)
                 x, x0_hat = self.p_sample(out, x, t_idx[i], noise)
             else:
                 noise = None
                 if eta > 0 and not last:
-                    noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
+                    noise = randn_per_sample(x.shape, generator, device, dtype)
                 x, x0_hat = self.ddim_step(out, x, t_idx[i], noise=noise, eta=eta if not last else 0.0)
             x0_hats.append(x0_hat)
         return x0_hats[-1], x0_hats

@@ -12,6 +12,7 @@ turned into class probabilities). Everything else lives here once:
 from __future__ import annotations
 
 import math
+import time
 import warnings
 import zlib
 from functools import partial
@@ -90,7 +91,10 @@ class SegmentationModule(L.LightningModule):
         self.monitor = monitor
         self._records: dict[str, list[dict]] = {"val": [], "test": []}
         self._panels: dict[str, list[tuple]] = {"val": [], "test": []}
+        self._seconds: dict[str, list[tuple[str, float]]] = {"val": [], "test": []}
+        self.test_seconds_per_case: float | None = None
         self._case_generator: torch.Generator | None = None
+        self._case_seed, self._sample_generators = self.seed, []
         self.test_results: dict[str, float] = {}
         self.test_records: list[dict] = []
 
@@ -134,8 +138,19 @@ class SegmentationModule(L.LightningModule):
     def seed_case(self, case_id: str, device) -> torch.Generator:
         """Seed ``case_generator()`` from the case id (a model overriding predict_case calls this first)."""
         seed = (self.seed * 1_000_003 + zlib.crc32(case_id.encode())) % (2**63)
+        self._case_seed, self._sample_generators = seed, []
         self._case_generator = torch.Generator(device=device).manual_seed(seed)
         return self._case_generator
+
+    def sample_generators(self, num_samples: int, device) -> list[torch.Generator]:
+        """One generator per sample of the current case, seeded from (case seed, sample index) and
+        kept across the case's windows: sample s is the same whatever ``num_samples`` is, so the
+        running mean of the first k of N samples equals a k-sample run."""
+        gens = self._sample_generators
+        while len(gens) < num_samples:
+            seed = (self._case_seed * 1_000_033 + 7919 * (len(gens) + 1)) % (2**63)
+            gens.append(torch.Generator(device=device).manual_seed(seed))
+        return gens[:num_samples]
 
     @torch.no_grad()
     def predict_case(self, image: torch.Tensor, case_id: str, batch: Mapping[str, Any] | None = None):
@@ -165,7 +180,11 @@ class SegmentationModule(L.LightningModule):
         if image.shape[0] != 1:
             raise ValueError("evaluation runs one whole image/volume per batch (batch_size=1)")
         case_id = str(batch["case_id"][0])
+        start = time.perf_counter()
         outputs = self.predict_case(image, case_id, batch)
+        if image.device.type == "cuda":
+            torch.cuda.synchronize(image.device)  # once per case, for the timing (not in the sampling loop)
+        self._seconds[stage].append((case_id, time.perf_counter() - start))
         spacing = self._spacing(image)
         target = label[0, 0].long()
         for name, prefix in self.output_prefixes.items():
@@ -212,7 +231,8 @@ class SegmentationModule(L.LightningModule):
     def _finish(self, stage: str) -> dict[str, float]:
         records = self._gather(self._records[stage])
         panels = self._gather(self._panels[stage])
-        self._records[stage], self._panels[stage] = [], []
+        seconds = dict(self._gather(self._seconds[stage]))  # case id -> prediction seconds
+        self._records[stage], self._panels[stage], self._seconds[stage] = [], [], []
         # one record per (case, output): de-duplicate in case a sampler repeated a case
         records = list({(r["case_id"], r["_output"]): r for r in records}.values())
         results: dict[str, float] = {}
@@ -230,6 +250,7 @@ class SegmentationModule(L.LightningModule):
         if stage == "test":
             self.test_results = {f"test/{k}": v for k, v in results.items()}
             self.test_records = records
+            self.test_seconds_per_case = float(np.mean(list(seconds.values()))) if seconds else None
         return results
 
     def _log_image(self, key: str, path: Path) -> None:

@@ -230,7 +230,8 @@ class ImgXDiffSeg(SegmentationModule):
         shape = (n * b, self.num_classes, *image.shape[2:])
         _, x0_hats = self.sample_process.sample(
             lambda x_t, t_model: self.denoise(images, x_t, t_model), shape, sampler=s.sampler,
-            eta=float(s.eta), generator=self.case_generator(), device=image.device, dtype=torch.float32)
+            eta=float(s.eta), generator=self.sample_generators(n, image.device), device=image.device,
+            dtype=torch.float32)
         outputs = {f"step/{i}": split_samples(probs_from_x0(x0_hats[i - 1]), n).mean(0)
                    for i in self.recorded_steps[:-1]}
         # running means over samples of the last step; the mean of all N is the prediction

@@ -206,8 +206,8 @@ class SegDiff(SegmentationModule):
 
         x0, _ = self.sampler.sample(
             denoise, (n * b, self.mask_channels, *image.shape[2:]), sampler=self.sampling["sampler"],
-            eta=float(self.sampling["eta"]), generator=self.case_generator(), device=image.device,
-            dtype=image.dtype)
+            eta=float(self.sampling["eta"]), generator=self.sample_generators(n, image.device),
+            device=image.device, dtype=image.dtype)
         probs = split_samples(self.class_probabilities(x0), n)  # (N, B, C, *S)
         means = prefix_means(probs)
         outputs = {f"samples/{k + 1}": means[k] for k in range(n)}

@@ -49,11 +49,35 @@ class ConfigInCheckpoint(Callback):
         checkpoint[CONFIG_KEY] = self.cfg
 
 
+class FinalCheckpoint(Callback):
+    """Writes ``last.ckpt`` when training ends: ``checkpoint_every`` saves every N steps only, so a
+    run whose max_steps is not a multiple of N would otherwise end with a stale (or no) last.ckpt."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0 and not trainer.interrupted:
+            trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes (atomically)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory of fit.py: its checkpoints/best.ckpt, else last.ckpt
+    (the one fit.py tested when no validation ran)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.ckpt", "last.ckpt"):
+            if (path / "checkpoints" / name).is_file():
+                return path / "checkpoints" / name
+    return path
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, DictConfig]:
-    """(checkpoint dict, run config) with a clear error for a missing or foreign file."""
+    """(checkpoint dict, run config) with a clear error for a missing or foreign file. ``path`` may
+    be a run directory (``resolve_checkpoint``)."""
     from diffseg.utils.errors import ConfigError
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise ConfigError(f"ckpt={path}: no such checkpoint file")
     try:

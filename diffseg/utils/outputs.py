@@ -5,6 +5,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -71,3 +72,15 @@ def save_prediction_file(directory: str | os.PathLike, case_id: str, pred: np.nd
     nib.save(nib.Nifti1Image(pred.astype(np.uint8), affine if affine is not None else np.eye(4)), tmp)
     os.replace(tmp, path)
     return path
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -86,3 +86,17 @@ def test_missing_data_root_is_one_message(cache_dir, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: data.root is not set"), proc.stderr
     assert "BraTS" in lines[0] and "CASE/CASE_{t1,t1ce,t2,flair,seg}.nii.gz" in lines[0]
     assert "data=brats_synthetic" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_multirun_over_sampling_steps_writes_one_metrics_per_job(tmp_path, cache_dir):
+    """python scripts/fit.py -m ... model.sampling.steps=1,5: one job per value, each with its own
+    metrics.json and the step count it was given (short training: this checks the sweep mechanics)."""
+    run_script("fit.py", "-m", *TINY, "model.sampling.steps=1,5", "trainer.max_steps=4", "logger=none",
+               f"hydra.sweep.dir={tmp_path}", cache=cache_dir)
+    jobs = sorted(p.parent for p in tmp_path.glob("*/metrics.json"))
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job, steps in zip(jobs, (1, 5)):
+        config = yaml.safe_load((job / "config.yaml").read_text())
+        assert config["model"]["sampling"]["steps"] == steps
+        metrics = read_metrics(job)
+        assert f"test/step/{steps}/dice" in metrics and f"test/step/{steps + 1}/dice" not in metrics

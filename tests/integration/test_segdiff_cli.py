@@ -18,10 +18,15 @@ NUM_SAMPLES = 3  # sizes/model/segdiff_tiny.yaml
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
+def trained_dir(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("segdiff_trained")
     run_script("fit.py", *SHAPES, f"hydra.run.dir={out}", cache=cache_dir)
-    return read_metrics(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(trained_dir):
+    return read_metrics(trained_dir)
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +68,36 @@ def test_monuseg_experiment_on_a_folder(tmp_path, cache_dir):
     assert len(masks) == len(stds) == metrics["test/num_cases"] > 0
     std = np.asarray(Image.open(stds[0]))
     assert std.shape == (64, 64) and std.dtype == np.uint8
+
+
+def test_sampling_sweep_rows_equal_separate_runs(trained_dir, tmp_path, cache_dir):
+    """evaluate.py sweep: one pass per step count with 3 samples; its rows for 1 and 2 samples equal
+    separate runs with num_samples 1 and 2 (each sample has its own noise stream); W&B gets the table."""
+    import csv
+
+    out = tmp_path / "sweep"
+    run_script("evaluate.py", f"ckpt={trained_dir}", "sweep.steps=[5,50]", "sweep.samples=[1,2,3]",
+               "logger=wandb", f"hydra.run.dir={out}", cache=cache_dir)
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [(int(r["steps"]), int(r["samples"])) for r in rows] == [(s, n) for s in (5, 50) for n in (1, 2, 3)]
+    assert all(float(r["seconds_per_case"]) > 0 for r in rows)
+    # the full-T rows are the trained model's own test metrics (same checkpoint, seeds, samples)
+    full = read_metrics(trained_dir)
+    for n in (1, 2, 3):
+        row = next(r for r in rows if r["steps"] == "50" and r["samples"] == str(n))
+        key = "test/iou" if n == NUM_SAMPLES else f"test/samples/{n}/iou"
+        assert float(row["iou"]) == pytest.approx(full[key], abs=1e-6)
+    for n in (1, 2):
+        single = tmp_path / f"n{n}"
+        run_script("evaluate.py", f"ckpt={trained_dir}", "+overrides.model.sampling.steps=5",
+                   f"+overrides.model.sampling.num_samples={n}", f"hydra.run.dir={single}", cache=cache_dir)
+        alone = read_metrics(single)
+        row = next(r for r in rows if r["steps"] == "5" and r["samples"] == str(n))
+        for name in ("iou", "dice", "ece", "mba", "boundary_f"):
+            assert float(row[name]) == pytest.approx(alone[f"test/{name}"], abs=1e-4), (n, name)
+    table = (out / "sweep.md").read_text()
+    assert "| steps | samples | seconds_per_case |" in table and table.count("\n| 50 |") == 3
+    for plot in ("dice_vs_steps", "dice_vs_samples", "ece_vs_samples", "seconds_vs_steps"):
+        assert (out / "plots" / f"sweep_{plot}.png").stat().st_size > 1000, plot
+    logged = [p.name for p in (out / "wandb").rglob("*") if p.is_file()]
+    assert any(name.endswith(".table.json") for name in logged), logged

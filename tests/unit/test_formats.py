@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffseg.data.datamodule import SegDataModule
 from diffseg.data.errors import DataError
 from diffseg.data.formats import SOURCES, BratsSource, Folder2DSource, MSDSource, build_source
 from diffseg.data.synthetic import write_brats_synthetic, write_msd_synthetic, write_shapes2d
@@ -86,12 +87,31 @@ def test_folder2d_coarse_dir_relative_absolute_and_missing(data, tmp_path):
     (root / "coarse").mkdir()
     for i in range(4):  # case_004 has no coarse mask
         shutil.copy(root / "masks" / f"case_{i:03d}.png", root / "coarse")
-    with pytest.raises(DataError, match=r"no coarse mask for 1 image.*\['case_004'\]"):
-        Folder2DSource(root, coarse_dir="coarse").cases()
+    # coarse masks may cover part of the data set (another model's test predictions): the source keeps
+    # the case without one, and the datamodule refuses a split that needs it, naming the case
+    cases = {c.id: c for c in Folder2DSource(root, coarse_dir="coarse").cases()}
+    assert cases["case_004"].coarse is None and cases["case_003"].coarse is not None
+    splits = root / "splits.json"
+    splits.write_text(json.dumps({"train": ["case_000", "case_001"], "val": ["case_002"],
+                                  "test": ["case_003", "case_004"]}))
+    dm = SegDataModule(Folder2DSource(root, coarse_dir="coarse"), root=str(root), patch_size=(16, 16),
+                       splits_file=str(splits), cache="none")
+    dm.setup("validate")  # the val split is covered
+    with pytest.raises(DataError, match=r"no coarse mask for 1 case\(s\) of the test split.*\['case_004'\]"):
+        dm.setup("test")
+    with pytest.raises(DataError, match=r"no coarse mask matches an image stem"):
+        Folder2DSource(root, coarse_dir=str(_empty_dir(tmp_path))).cases()
     shutil.copy(root / "masks" / "case_004.png", root / "coarse")
     for coarse_dir in ["coarse", str(root / "coarse")]:
         cases = Folder2DSource(root, coarse_dir=coarse_dir).cases()
         assert cases[2].coarse == str(root / "coarse" / "case_002.png")
+
+
+def _empty_dir(tmp_path):
+    d = tmp_path / "no_coarse"
+    d.mkdir(exist_ok=True)
+    save_png(d / "other.png", np.zeros((8, 8)))
+    return d
 
 
 def test_folder2d_missing_root_hints_synthetic(tmp_path):

@@ -214,9 +214,10 @@ def test_two_step_ddpm_sampling_matches_closed_form(trained):
     model.configure_sampling(steps=2, num_samples=1, sampler="ddpm")
     image = make_batch(b=1)["image"]
     with torch.no_grad():
-        model._case_generator = torch.Generator().manual_seed(7)
+        model.seed_case("case7", torch.device("cpu"))
+        seed = model.sample_generators(1, "cpu")[0].initial_seed()  # sample 0's noise stream
         out = model.predict_window(image)
-        g = torch.Generator().manual_seed(7)
+        g = torch.Generator().manual_seed(seed)
         x = torch.randn(1, C, 16, 16, generator=g)
         betas = torch.linspace(1e-4, 0.02, 1001, dtype=torch.float64)
         a0, a1 = torch.cumprod(1 - betas, 0)[[0, 1000]].tolist()
@@ -235,12 +236,12 @@ def test_ddim_and_samples_are_means(trained):
     model.configure_sampling(steps=3, num_samples=3, sampler="ddim", eta=0.0)
     image = make_batch(b=1)["image"]
     with torch.no_grad():
-        model._case_generator = torch.Generator().manual_seed(3)
+        model.seed_case("case3", torch.device("cpu"))
+        seeds = [g.initial_seed() for g in model.sample_generators(3, "cpu")]  # one noise stream per sample
         out = model.predict_window(image)
         singles = []
         model.configure_sampling(num_samples=1)
-        g = torch.Generator().manual_seed(3)
-        noise = torch.randn(3, C, 16, 16, generator=g)  # sample-major: row s is sample s
+        noise = torch.cat([torch.randn(1, C, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
         for s in range(3):
             _, hats = model.sample_process.sample(lambda x, t: model.denoise(image, x, t), (1, C, 16, 16),
                                                   sampler="ddim", x_T=noise[s:s + 1])
@@ -248,6 +249,20 @@ def test_ddim_and_samples_are_means(trained):
     torch.testing.assert_close(out["samples/1"], singles[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["samples/2"], (singles[0] + singles[1]) / 2, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["final"], sum(singles) / 3, rtol=1e-4, atol=1e-5)
+
+
+def test_first_k_of_n_samples_equal_a_k_sample_run(trained):
+    """Each sample has its own noise stream (per case, kept across windows): the running mean of the
+    first k of N samples is a k-sample run, so evaluate.py's sweep reads every count from one pass."""
+    model = trained
+    image = make_batch(size=24, b=1)["image"]  # several windows
+    model.configure_sampling(steps=3, num_samples=4, sampler="ddpm")
+    four = model.predict_case(image, "case_k")
+    for k in (1, 2):
+        model.configure_sampling(num_samples=k)
+        alone = model.predict_case(image, "case_k")
+        torch.testing.assert_close(four[f"samples/{k}"], alone["final"],
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_whole_volume_prediction_is_reproducible_per_case(trained):

@@ -95,14 +95,12 @@ class Folder2DSource(Source):
         if no_image:
             problems.append(f"{self.image_dir}: no image for {len(no_image)} mask(s) "
                             f"(expected an image per mask stem, missing {no_image})")
-        if self.coarse_dir is not None:
-            no_coarse = sorted(set(images) - set(coarse))
-            if no_coarse:
-                problems.append(f"{self.coarse_dir}: no coarse mask for {len(no_coarse)} image(s) "
-                                f"(expected one per image stem, missing {no_coarse})")
-        cases = [Case(stem, [str(images[stem])], str(masks[stem]),
-                      str(coarse[stem]) if stem in coarse else None)
-                 for stem in images if stem in masks and (self.coarse_dir is None or stem in coarse)]
+        if self.coarse_dir is not None and not set(images) & set(coarse):
+            problems.append(f"{self.coarse_dir}: no coarse mask matches an image stem (expected <stem>.png per image)")
+        # coarse masks may cover only some cases (e.g. another model's test predictions): the
+        # datamodule checks that every case of the splits it loads has one
+        cases = [Case(stem, [str(images[stem])], str(masks[stem]), str(coarse[stem]) if stem in coarse else None)
+                 for stem in images if stem in masks]
         return Scan(cases, problems, ids=sorted(set(images) | set(masks)))
 
     def info(self) -> DatasetInfo:
