@@ -77,6 +77,7 @@ def plot_sweep(out_dir: Path, rows: list[dict[str, Any]], metric: str) -> list[P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = sorted({r["steps"] for r in rows})
     samples = sorted({r["samples"] for r in rows})
@@ -89,6 +90,7 @@ def plot_sweep(out_dir: Path, rows: list[dict[str, Any]], metric: str) -> list[P
         for g in groups:
             pts = sorted((r[x_key], r[y_key]) for r in rows if r[group_key] == g and y_key in r)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{group_key}={g}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(x_key)
         ax.set_ylabel(ylabel)
         if x_key == "steps" and len(steps) > 1 and max(steps) / min(steps) >= 10:
