@@ -28,8 +28,14 @@ register_resolvers()  # the scripts import this module before Hydra composes the
 
 def run_cli(fn: Callable[..., Any], *args, **kwargs) -> Any:
     """Call ``fn``; a data/config/divergence error prints ``error: <message>`` and exits with status 2."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         return fn(*args, **kwargs)
+    except SIGTERMException:  # a SystemExit(None) that would exit 0 as if the run had finished
+        print("error: stopped by SIGTERM; the progress is in checkpoints/last.ckpt: run the same command "
+              "with resume=true to continue", file=sys.stderr, flush=True)
+        sys.exit(128 + 15)
     except Exception as err:  # noqa: BLE001 - only user errors are reported briefly, others re-raised
         user = user_error(err)
         if user is None:

@@ -50,8 +50,9 @@ class ConfigInCheckpoint(Callback):
 
 
 class FinalCheckpoint(Callback):
-    """Writes ``last.ckpt`` when training ends: ``checkpoint_every`` saves every N steps only, so a
-    run whose max_steps is not a multiple of N would otherwise end with a stale (or no) last.ckpt."""
+    """Writes ``last.ckpt`` when training ends or is stopped by a signal: ``checkpoint_every`` saves
+    every N steps only, so a run whose max_steps is not a multiple of N would otherwise end with a
+    stale (or no) last.ckpt."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
@@ -59,6 +60,14 @@ class FinalCheckpoint(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 and not trainer.interrupted:
             trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes (atomically)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Stopped by SIGTERM (a cluster's pre-emption, ``kill``) or Ctrl-C: keep the progress in
+        last.ckpt so that ``resume=true`` continues from here. Never after an error (NaN weights)."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

@@ -145,6 +145,27 @@ def test_missing_data_root_says_where_and_how(cache_dir):
     assert "Traceback" not in proc.stderr
 
 
+def test_sigterm_saves_progress_and_says_how_to_resume(tmp_path, cache_dir):
+    """A cluster's pre-emption (SIGTERM): the run stops with a non-zero status and a message, and
+    last.ckpt holds the step it reached (the periodic checkpoint is set far beyond it here)."""
+    out = tmp_path / "run"
+    args = [sys.executable, str(REPO / "scripts/fit.py"), "experiment=unet_folder2d", "data=shapes2d", "scale=tiny",
+            "trainer.max_steps=400", "checkpoint_every=1000", "logger=csv", f"hydra.run.dir={out}"]
+    env = dict(os.environ, DIFFSEG_CACHE=str(cache_dir), WANDB_SILENT="true")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "csv" / "metrics.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) > 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and "resume=true" in stderr, stderr[-2000:]
+    import torch
+
+    step = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < step < 400 and not (out / "metrics.json").exists()
+
+
 def test_msd_and_folder2d_layouts(tmp_path, cache_dir):
     from diffseg.data.synthetic import write_msd_synthetic, write_shapes2d
 
