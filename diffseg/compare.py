@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from diffseg.sweep import reported_metrics
 from diffseg.utils.errors import ConfigError
 from diffseg.utils.jobs import (REPO, Job, check_overrides_compose, group_choice, read_json, run_jobs,
                                 split_overrides)
@@ -106,18 +107,19 @@ class Comparison:
     # ---------------------------------------------------------------- leaderboard
     def row(self, name: str, source: str | None) -> dict[str, Any]:
         run = self.run_dir(name, source)
-        metrics, info = read_json(run / "metrics.json"), read_json(run / "run_info.json")
-        row: dict[str, Any] = {"method": self.label(name, source)}
-        row.update({k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")
-                    and not k.startswith(("test/samples/", "test/step/"))})
-        parts = [info]
-        if source is not None:  # cascade: the refiner's training run and the source model count too
-            parts = [info, read_json(run / "train" / "run_info.json"), read_json(self.run_dir(source) / "run_info.json")]
-        total = lambda key, infos: sum(i.get(key) or 0 for i in infos)  # noqa: E731
-        row.update(parameters=total("parameters", parts[-2:] if source else parts),
-                   train_seconds=total("train_seconds", parts),
-                   seconds_per_case=total("test_seconds_per_case", [parts[0], *parts[2:]]),
-                   peak_memory_mb=max(i.get("peak_memory_mb") or 0 for i in parts))
+        info = read_json(run / "run_info.json")
+        row: dict[str, Any] = {"method": self.label(name, source), **reported_metrics(read_json(run / "metrics.json"))}
+        cost = dict(parameters=info.get("parameters") or 0, train_seconds=info.get("train_seconds") or 0,
+                    seconds_per_case=info.get("test_seconds_per_case") or 0,
+                    peak_memory_mb=info.get("peak_memory_mb") or 0)
+        if source is not None:  # a cascade costs the refiner (trained in run/train) plus its source model
+            trained, src = read_json(run / "train" / "run_info.json"), read_json(self.run_dir(source) / "run_info.json")
+            cost.update(parameters=(trained.get("parameters") or 0) + (src.get("parameters") or 0),
+                        train_seconds=(trained.get("train_seconds") or 0) + (src.get("train_seconds") or 0),
+                        seconds_per_case=cost["seconds_per_case"] + (src.get("test_seconds_per_case") or 0),
+                        peak_memory_mb=max(cost["peak_memory_mb"], trained.get("peak_memory_mb") or 0,
+                                           src.get("peak_memory_mb") or 0))
+        row.update(cost)
         return row
 
     def leaderboard(self) -> str:

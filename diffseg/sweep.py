@@ -44,13 +44,17 @@ def sweep_keys(model_cfg: DictConfig) -> tuple[str, str | None]:
                       "sweep (model.sampling.steps or model.refine.steps): sweeps apply to diffusion models")
 
 
+def reported_metrics(results: dict[str, float]) -> dict[str, float]:
+    """``test/<metric>`` -> ``<metric>`` for the final output (not the per-step / per-sample-count curves)."""
+    return {k[len("test/"):]: v for k, v in results.items()
+            if k.startswith("test/") and not k.startswith(("test/samples/", "test/step/"))}
+
+
 def cell_metrics(results: dict[str, float], samples: int, max_samples: int) -> dict[str, float]:
     """The reported metrics of the running mean over the first ``samples`` of ``max_samples``:
     ``test/samples/<k>/<metric>``, or the final ``test/<metric>`` when k is the pass's sample count."""
-    plain = {k[len("test/"):]: v for k, v in results.items()
-             if not k.startswith(("test/samples/", "test/step/"))}
     if samples == max_samples:
-        return plain
+        return reported_metrics(results)
     prefix = f"test/samples/{samples}/"
     found = {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
     if not found:
