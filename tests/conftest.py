@@ -11,6 +11,26 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: one thread each (and in the CLI runs they start, which
+    # inherit the environment), so that workers do not oversubscribe the cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+#: the longest test files first (measured: SegDiff's trained fixture takes ~10 min on 2 cores), so that
+#: under pytest-xdist a long file does not start last and leave the other workers idle at the end
+LONGEST_FIRST = ("test_segdiff_cli.py", "test_segrefiner_cli.py", "test_framework_cli.py", "test_drivers_cli.py",
+                 "test_imgx_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:

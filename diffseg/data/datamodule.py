@@ -20,8 +20,8 @@ import lightning as L
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
-from torch.utils.data import DataLoader, Sampler
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
+from torch.utils.data import Sampler
 
 from diffseg.data.errors import DataError
 from diffseg.data.formats.base import Case, Source
@@ -332,6 +332,9 @@ class SegDataModule(L.LightningDataModule):
                                                           seed=self.split_seed)
         else:
             sampler = torch.utils.data.RandomSampler(ds)
+        # MONAI's DataLoader seeds the random transforms (crops, flips, coarse masks) from torch's RNG, in
+        # this process or in each worker: with seed_everything(seed) a run's patches are reproducible
+        # (torch's DataLoader leaves them on MONAI's unseeded global RandomState)
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=list_data_collate, drop_last=len(ds) >= world * self.batch_size,
                           persistent_workers=self.num_workers > 0)

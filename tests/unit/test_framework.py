@@ -12,7 +12,8 @@ from diffseg.data.datamodule import SegDataModule, ShardSampler, load_or_make_sp
 from diffseg.data.errors import DataError
 from diffseg.data.formats.base import Case
 from diffseg.data.formats.brats import BratsSource
-from diffseg.data.synthetic import write_brats_synthetic
+from diffseg.data.formats.folder2d import Folder2DSource
+from diffseg.data.synthetic import write_brats_synthetic, write_shapes2d
 from diffseg.metrics.scoring import aggregate, score_case
 from diffseg.models.base import warmup_cosine
 from diffseg.utils.checkpoint import AtomicCheckpointIO
@@ -83,6 +84,25 @@ def test_datamodule_checks_config_against_files(tmp_path):
         _ = SegDataModule(src, root=str(root), patch_size=(32, 32)).info
     with pytest.raises(DataError, match="regions"):
         _ = SegDataModule(src, root=str(root), patch_size=(32, 32, 32), regions={"x": [9]}).regions
+
+
+def test_training_patches_follow_the_seed(tmp_path):
+    """The random crops/flips are drawn from the run's seed: the same seed gives the same patches (a run
+    is reproducible), another seed other patches."""
+    import lightning as L
+
+    root = write_shapes2d(tmp_path / "s", num_cases=12, size=48)
+
+    def first_batches(seed):
+        L.seed_everything(seed)
+        dm = SegDataModule(Folder2DSource(root), root=str(root), patch_size=(32, 32), batch_size=4,
+                           samples_per_epoch=8, cache="none")
+        dm.setup("fit")
+        return [b["label"].as_tensor().clone() for b in dm.train_dataloader()]
+
+    a, b, c = first_batches(3), first_batches(3), first_batches(4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
 def test_bad_label_value_in_pipeline_names_the_file(tmp_path):

@@ -349,7 +349,7 @@ def _compose(*overrides):
 def test_experiment_sizes_and_tiny_override():
     paper = _compose("experiment=segdiff_monuseg", "data.root=/x")
     tiny = _compose("experiment=segdiff_monuseg", "data.root=/x", "scale=tiny")
-    assert paper.model.net.rrdb_blocks == 12 and tiny.model.net.rrdb_blocks == 1
+    assert paper.model.net.rrdb_blocks == 12 and tiny.model.net.rrdb_blocks == 0
     assert paper.model.net.unet.attention_levels == [4, 5] and list(paper.data.patch_size) == [256, 256]
     assert tiny.model.net.unet.attention_levels == [2] and list(tiny.data.patch_size) == [64, 64]
     assert _compose("experiment=segdiff_vaihingen", "data.root=/x").model.net.rrdb_blocks == 6
@@ -357,5 +357,9 @@ def test_experiment_sizes_and_tiny_override():
     from omegaconf import OmegaConf
 
     assert OmegaConf.to_container(brats.model.net)["mask_channels"] == "${data.num_classes}"
+    # the experiment's own tiny sizes (sizes/experiment/segdiff_brats_tiny.yaml) win over the model's
+    assert brats.trainer.max_steps == 320 and brats.model.sampling.steps == 25
+    assert brats.model.net.unet.channels == tiny.model.net.unet.channels
+    assert _compose("experiment=segdiff_brats", "data=brats_synthetic").model.net.rrdb_blocks == 2
     abl = _compose("experiment=segdiff_folder2d", "data=shapes2d", "scale=tiny", "+ablation=segdiff_concat")
     assert abl.model.net.conditioning == "concat"
