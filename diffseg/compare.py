@@ -42,6 +42,16 @@ def parse_entries(value) -> list[tuple[str, str | None]]:
     return entries
 
 
+#: leaderboard cost column -> run_info.json key
+COST_KEYS = {"parameters": "parameters", "train_seconds": "train_seconds",
+             "seconds_per_case": "test_seconds_per_case", "peak_memory_mb": "peak_memory_mb"}
+
+
+def run_cost(info: dict[str, Any]) -> dict[str, float]:
+    """A run's cost columns from its run_info.json (0 where a figure is missing)."""
+    return {column: info.get(key) or 0 for column, key in COST_KEYS.items()}
+
+
 class Comparison:
     def __init__(self, argv: Sequence[str]):
         own, self.overrides = split_overrides(argv, OWN)
@@ -107,18 +117,15 @@ class Comparison:
     # ---------------------------------------------------------------- leaderboard
     def row(self, name: str, source: str | None) -> dict[str, Any]:
         run = self.run_dir(name, source)
-        info = read_json(run / "run_info.json")
         row: dict[str, Any] = {"method": self.label(name, source), **reported_metrics(read_json(run / "metrics.json"))}
-        cost = dict(parameters=info.get("parameters") or 0, train_seconds=info.get("train_seconds") or 0,
-                    seconds_per_case=info.get("test_seconds_per_case") or 0,
-                    peak_memory_mb=info.get("peak_memory_mb") or 0)
+        cost = run_cost(read_json(run / "run_info.json"))
         if source is not None:  # a cascade costs the refiner (trained in run/train) plus its source model
-            trained, src = read_json(run / "train" / "run_info.json"), read_json(self.run_dir(source) / "run_info.json")
-            cost.update(parameters=(trained.get("parameters") or 0) + (src.get("parameters") or 0),
-                        train_seconds=(trained.get("train_seconds") or 0) + (src.get("train_seconds") or 0),
-                        seconds_per_case=cost["seconds_per_case"] + (src.get("test_seconds_per_case") or 0),
-                        peak_memory_mb=max(cost["peak_memory_mb"], trained.get("peak_memory_mb") or 0,
-                                           src.get("peak_memory_mb") or 0))
+            trained, src = run_cost(read_json(run / "train" / "run_info.json")), run_cost(
+                read_json(self.run_dir(source) / "run_info.json"))
+            cost = dict(parameters=trained["parameters"] + src["parameters"],
+                        train_seconds=trained["train_seconds"] + src["train_seconds"],
+                        seconds_per_case=cost["seconds_per_case"] + src["seconds_per_case"],
+                        peak_memory_mb=max(cost["peak_memory_mb"], trained["peak_memory_mb"], src["peak_memory_mb"]))
         row.update(cost)
         return row
 
