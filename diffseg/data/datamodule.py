@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
+from torch.utils.data import DataLoader as TorchDataLoader
 from torch.utils.data import Sampler
 
 from diffseg.data.errors import DataError
@@ -332,23 +333,28 @@ class SegDataModule(L.LightningDataModule):
                                                           seed=self.split_seed)
         else:
             sampler = torch.utils.data.RandomSampler(ds)
-        # MONAI's DataLoader seeds the random transforms (crops, flips, coarse masks) from torch's RNG, in
+        # MONAI's DataLoader seeds the random transforms (crops, flips, coarse masks) from its generator, in
         # this process or in each worker: with seed_everything(seed) a run's patches are reproducible
-        # (torch's DataLoader leaves them on MONAI's unseeded global RandomState)
+        # (torch's DataLoader leaves them on MONAI's unseeded global RandomState). The generator is the
+        # loader's own (run seed + rank): with num_workers=0 MONAI re-seeds the generator it draws from, which
+        # would restart torch's global stream (the diffusion noise) if it were the default one.
+        generator = torch.Generator().manual_seed((torch.initial_seed() + rank) % 2**63)
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=list_data_collate, drop_last=len(ds) >= world * self.batch_size,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, generator=generator)
 
-    def _eval_loader(self, name: str) -> DataLoader:
+    def _eval_loader(self, name: str) -> TorchDataLoader:
         if name not in self.datasets:
             raise DataError(f"the {name} split is empty: add cases or change data.split_fractions / splits.json")
         rank, world = self._dist()
         ds = self.datasets[name]
-        return DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds), rank, world),
-                          num_workers=self.num_workers, collate_fn=list_data_collate)
+        # eval transforms are deterministic (coarse masks are seeded per case): torch's loader, which leaves
+        # the global RNG alone when Lightning builds it mid-training (MONAI's would re-seed it)
+        return TorchDataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds), rank, world),
+                               num_workers=self.num_workers, collate_fn=list_data_collate)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> TorchDataLoader:
         return self._eval_loader("val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> TorchDataLoader:
         return self._eval_loader("test")

@@ -105,6 +105,24 @@ def test_training_patches_follow_the_seed(tmp_path):
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
+def test_building_loaders_leaves_the_global_rng_alone(tmp_path):
+    """Lightning builds the val loader at the first validation, mid-training: that must not restart torch's
+    global stream (the diffusion noise and timesteps). MONAI's DataLoader re-seeds the generator it draws
+    from when num_workers=0, so the loaders must not draw from the global one."""
+    import lightning as L
+
+    root = write_shapes2d(tmp_path / "s", num_cases=12, size=48)
+    L.seed_everything(5)
+    dm = SegDataModule(Folder2DSource(root), root=str(root), patch_size=(32, 32), batch_size=4,
+                       samples_per_epoch=8, cache="none", split_fractions=(0.5, 0.25, 0.25))
+    dm.setup("fit")
+    torch.rand(3)  # the run has drawn from the global stream (model init, training noise)
+    state = torch.get_rng_state()
+    loaders = [dm.train_dataloader(), dm.val_dataloader()]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(list(loaders[1])) == 3
+
+
 def test_bad_label_value_in_pipeline_names_the_file(tmp_path):
     import nibabel as nib
 
