@@ -73,8 +73,8 @@ def test_ddp_cpu_scores_each_case_once_and_matches_single_process(tmp_path, cach
 
 def test_resume_after_sigkill(tmp_path, cache_dir):
     out = tmp_path / "run"
-    args = [sys.executable, str(REPO / "scripts/fit.py"), *TINY_BRATS, "trainer.max_steps=120",
-            "checkpoint_every=10", f"hydra.run.dir={out}"]
+    args = [sys.executable, str(REPO / "scripts/fit.py"), *TINY_BRATS, "trainer.max_steps=40",
+            "checkpoint_every=5", f"hydra.run.dir={out}"]
     env = dict(os.environ, DIFFSEG_CACHE=str(cache_dir), WANDB_SILENT="true")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -89,12 +89,12 @@ def test_resume_after_sigkill(tmp_path, cache_dir):
     import torch
 
     step_at_kill = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert 0 < step_at_kill < 120
+    assert 0 < step_at_kill < 40
     wandb_id = (out / ".wandb_id").read_text()
-    run_script("fit.py", *TINY_BRATS, "trainer.max_steps=120", "checkpoint_every=10", "resume=true",
+    run_script("fit.py", *TINY_BRATS, "trainer.max_steps=40", "checkpoint_every=5", "resume=true",
                f"hydra.run.dir={out}", cache=cache_dir)
     assert (out / "metrics.json").is_file()
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 120
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 40
     assert (out / ".wandb_id").read_text() == wandb_id  # same W&B run continued
 
 
