@@ -23,6 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 #: the longest test files first (measured: SegDiff's trained fixture takes ~10 min on 2 cores), so that
 #: under pytest-xdist a long file does not start last and leave the other workers idle at the end
+#: (pyproject's --no-loadscope-reorder keeps this order: xdist otherwise sorts files by their test count)
 LONGEST_FIRST = ("test_segdiff_cli.py", "test_segrefiner_cli.py", "test_framework_cli.py", "test_drivers_cli.py",
                  "test_imgx_cli.py")
 
