@@ -86,18 +86,24 @@ def test_datamodule_checks_config_against_files(tmp_path):
         _ = SegDataModule(src, root=str(root), patch_size=(32, 32, 32), regions={"x": [9]}).regions
 
 
+def _seeded_shapes_datamodule(root, seed: int) -> SegDataModule:
+    """seed_everything(seed), then a small shapes2d datamodule set up for fit (32-px patches, batches of 4)."""
+    import lightning as L
+
+    L.seed_everything(seed)
+    dm = SegDataModule(Folder2DSource(root), root=str(root), patch_size=(32, 32), batch_size=4,
+                       samples_per_epoch=8, cache="none", split_fractions=(0.5, 0.25, 0.25))
+    dm.setup("fit")
+    return dm
+
+
 def test_training_patches_follow_the_seed(tmp_path):
     """The random crops/flips are drawn from the run's seed: the same seed gives the same patches (a run
     is reproducible), another seed other patches."""
-    import lightning as L
-
     root = write_shapes2d(tmp_path / "s", num_cases=12, size=48)
 
     def first_batches(seed):
-        L.seed_everything(seed)
-        dm = SegDataModule(Folder2DSource(root), root=str(root), patch_size=(32, 32), batch_size=4,
-                           samples_per_epoch=8, cache="none")
-        dm.setup("fit")
+        dm = _seeded_shapes_datamodule(root, seed)
         return [b["label"].as_tensor().clone() for b in dm.train_dataloader()]
 
     a, b, c = first_batches(3), first_batches(3), first_batches(4)
@@ -109,13 +115,7 @@ def test_building_loaders_leaves_the_global_rng_alone(tmp_path):
     """Lightning builds the val loader at the first validation, mid-training: that must not restart torch's
     global stream (the diffusion noise and timesteps). MONAI's DataLoader re-seeds the generator it draws
     from when num_workers=0, so the loaders must not draw from the global one."""
-    import lightning as L
-
-    root = write_shapes2d(tmp_path / "s", num_cases=12, size=48)
-    L.seed_everything(5)
-    dm = SegDataModule(Folder2DSource(root), root=str(root), patch_size=(32, 32), batch_size=4,
-                       samples_per_epoch=8, cache="none", split_fractions=(0.5, 0.25, 0.25))
-    dm.setup("fit")
+    dm = _seeded_shapes_datamodule(write_shapes2d(tmp_path / "s", num_cases=12, size=48), 5)
     torch.rand(3)  # the run has drawn from the global stream (model init, training noise)
     state = torch.get_rng_state()
     loaders = [dm.train_dataloader(), dm.val_dataloader()]
