@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffseg.cli import run_cli  # noqa: E402
+from diffseg.drivers.cli import run_cli  # noqa: E402
 
 if __name__ == "__main__":
-    from diffseg.ablate import ablate
+    from diffseg.drivers.ablate import ablate
 
     run_cli(ablate, sys.argv[1:])

@@ -11,11 +11,11 @@ import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffseg.cli import run_cli  # noqa: E402
+from diffseg.drivers.cli import run_cli  # noqa: E402
 
 
 def check(cfg: DictConfig) -> None:
-    from diffseg.run import build_datamodule
+    from diffseg.drivers.run import build_datamodule
 
     dm = build_datamodule(cfg)
     mode = "fast" if cfg.check_data == "fast" else "full"

@@ -6,12 +6,12 @@ import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffseg.cli import run_cli  # noqa: E402
+from diffseg.drivers.cli import run_cli  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../experiments", config_name="fit")
 def main(cfg: DictConfig) -> float:
-    from diffseg.run import fit
+    from diffseg.drivers.run import fit
 
     metrics = run_cli(fit, cfg)
     return metrics.get("test/dice", float("nan"))

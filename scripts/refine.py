@@ -12,12 +12,12 @@ import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffseg.cli import run_cli  # noqa: E402
+from diffseg.drivers.cli import run_cli  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../experiments", config_name="refine")
 def main(cfg: DictConfig) -> None:
-    from diffseg.refine import refine
+    from diffseg.drivers.refine import refine
 
     run_cli(refine, cfg)
 

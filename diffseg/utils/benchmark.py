@@ -102,7 +102,7 @@ def model_from_config(overrides: Sequence[str], data_info: Mapping[str, Any], co
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import diffseg.cli  # noqa: F401 - config resolvers
+    import diffseg.drivers.cli  # noqa: F401 - config resolvers
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name, [*overrides, "paths.output_dir=benchmark"])

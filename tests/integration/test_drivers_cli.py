@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import read_metrics, run_script
-from diffseg.ablate import Ablation, agreement
+from diffseg.drivers.ablate import Ablation, agreement
 
 pytestmark = pytest.mark.slow
 

@@ -7,12 +7,12 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from diffseg.ablate import Ablation, load_grid
-from diffseg.compare import parse_entries
-from diffseg.sweep import _int_list, cell_metrics, sweep_keys
+from diffseg.drivers.ablate import Ablation, load_grid
+from diffseg.drivers.compare import parse_entries
+from diffseg.drivers.sweep import _int_list, cell_metrics, sweep_keys
 from diffseg.utils.checkpoint import resolve_checkpoint
 from diffseg.utils.errors import ConfigError
-from diffseg.utils.jobs import Job, JobFailed, group_choice, run_jobs, split_overrides
+from diffseg.drivers.jobs import Job, JobFailed, group_choice, run_jobs, split_overrides
 
 RESULTS = {"test/dice": 0.9, "test/iou": 0.8, "test/samples/1/dice": 0.7, "test/samples/1/iou": 0.6,
            "test/samples/2/dice": 0.9, "test/step/3/dice": 0.5}

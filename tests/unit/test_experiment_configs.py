@@ -36,7 +36,7 @@ def _data_overrides(name: str, tmp_root: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_builds_and_trains_one_step(name, tmp_path_factory, monkeypatch):
-    from diffseg.run import build_datamodule, build_model
+    from diffseg.drivers.run import build_datamodule, build_model
 
     cache = tmp_path_factory.getbasetemp() / "config_cache"
     monkeypatch.setenv("DIFFSEG_CACHE", str(cache))

@@ -381,7 +381,7 @@ def compose(*overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import diffseg.cli  # noqa: F401 - registers the ${sum:...} resolver
+    import diffseg.drivers.cli  # noqa: F401 - registers the ${sum:...} resolver
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = hydra_compose("fit", ["experiment=imgx_brats", "data=brats_synthetic", "paths.output_dir=unused",

@@ -375,7 +375,7 @@ def test_model_uses_global_local_only_when_asked_and_larger():
 def test_refine_pairs_files_by_stem_and_lists_every_missing_partner(tmp_path):
     from PIL import Image
 
-    from diffseg.refine import pair_files
+    from diffseg.drivers.refine import pair_files
 
     def write(folder, *stems):
         (tmp_path / folder).mkdir(exist_ok=True)
@@ -397,7 +397,7 @@ def test_refine_pairs_files_by_stem_and_lists_every_missing_partner(tmp_path):
 
 
 def test_refine_binarises_coarse_masks():
-    from diffseg.refine import binarise_coarse
+    from diffseg.drivers.refine import binarise_coarse
 
     mask = np.array([[[0, 255], [255, 0]]], np.uint8)
     assert binarise_coarse(mask, "m.png", None).tolist() == [[[[0.0, 1.0], [1.0, 0.0]]]]

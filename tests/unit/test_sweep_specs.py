@@ -78,7 +78,7 @@ def test_a_spec_naming_an_unknown_key_fails_to_compose():
 def test_a_run_reports_the_optimised_metric_under_its_name(path, tmp_path_factory, monkeypatch):
     """Builds the first cell's data and (untrained) model and tests it on one case through the same
     code path as fit.py: the spec's metric must be among the logged test metrics."""
-    from diffseg.run import build_datamodule, build_model, build_trainer
+    from diffseg.drivers.run import build_datamodule, build_model, build_trainer
 
     spec = yaml.safe_load(path.read_text())
     monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path_factory.getbasetemp() / "sweep_cache"))

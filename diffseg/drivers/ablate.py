@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from diffseg.utils.errors import ConfigError
-from diffseg.utils.jobs import (REPO, Job, check_overrides_compose, group_choice, read_json, run_jobs,
+from diffseg.drivers.jobs import (REPO, Job, check_overrides_compose, group_choice, read_json, run_jobs,
                                 split_overrides)
 from diffseg.utils.outputs import atomic_write_text, markdown_table, write_json
 

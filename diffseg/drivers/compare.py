@@ -15,9 +15,9 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from diffseg.sweep import reported_metrics
+from diffseg.drivers.sweep import reported_metrics
 from diffseg.utils.errors import ConfigError
-from diffseg.utils.jobs import (REPO, Job, check_overrides_compose, group_choice, read_json, run_jobs,
+from diffseg.drivers.jobs import (REPO, Job, check_overrides_compose, group_choice, read_json, run_jobs,
                                 split_overrides)
 from diffseg.utils.outputs import atomic_write_text, markdown_table
 
@@ -87,7 +87,7 @@ class Comparison:
             return
         from hydra import compose, initialize_config_dir
 
-        from diffseg.run import build_datamodule
+        from diffseg.drivers.run import build_datamodule
 
         first = self.entries[0][0]
         with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import diffseg.cli  # noqa: F401 - registers the config resolvers (${sum:...})
+import diffseg.drivers.cli  # noqa: F401 - registers the config resolvers (${sum:...})
 from diffseg.data.datamodule import SegDataModule
 from diffseg.metrics.scoring import scalar_view
 from diffseg.utils.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint, FinalCheckpoint
@@ -44,7 +44,7 @@ def check_data_root(cfg: DictConfig) -> None:
         return
     try:
         source = instantiate(cfg.data.source, root="ROOT")  # describes the layout; touches no files
-    except Exception:  # noqa: BLE001 - fall back to the generic message of diffseg.cli
+    except Exception:  # noqa: BLE001 - fall back to the generic message of diffseg.drivers.cli
         return
     msg = f"data.root is not set: point it at your {source.title} data, data.root=ROOT with {source.layout}"
     if source.synthetic_hint:
@@ -67,7 +67,7 @@ def build_datamodule(cfg: DictConfig) -> SegDataModule:
 def build_model(cfg: DictConfig) -> L.LightningModule:
     for key in ("spatial_dims", "in_channels", "num_classes"):
         if cfg.data.get(key) is None:
-            raise ConfigError(f"data.{key} is unknown: build the datamodule first (diffseg.run.build_datamodule)")
+            raise ConfigError(f"data.{key} is unknown: build the datamodule first (diffseg.drivers.run.build_datamodule)")
     return instantiate(cfg.model, _convert_="all")
 
 
@@ -258,8 +258,8 @@ def test_checkpoint(cfg: DictConfig, overrides: dict | DictConfig, out_dir: Path
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint (``cfg.ckpt``) on the test split of its data set (or of ``data`` overrides):
     writes metrics.json / test_cases.csv / plots into the run directory, prints the table. With
-    ``sweep.steps`` / ``sweep.samples`` set, runs the sampling sweep instead (diffseg.sweep)."""
-    from diffseg.sweep import log_sweep, sampling_sweep
+    ``sweep.steps`` / ``sweep.samples`` set, runs the sampling sweep instead (diffseg.drivers.sweep)."""
+    from diffseg.drivers.sweep import log_sweep, sampling_sweep
 
     out_dir = Path(cfg.paths.output_dir)
     overrides = cfg.get("overrides") or {}

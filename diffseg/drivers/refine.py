@@ -144,7 +144,7 @@ def format_comparison(results: dict[str, dict[str, float]], num_cases: int) -> s
 def refine(cfg: DictConfig) -> dict[str, Any]:
     """Refine every paired image; returns {"num_cases", "out", and with masks: "coarse"/"refined" metrics}."""
     from diffseg.models.segrefiner import SegRefiner
-    from diffseg.run import load_model
+    from diffseg.drivers.run import load_model
 
     images, coarse_dir = _folder(cfg.images, "images"), _folder(cfg.coarse, "coarse")
     masks = _folder(cfg.masks, "masks") if cfg.get("masks") is not None else None

@@ -134,7 +134,7 @@ def log_sweep(loggers: list, rows: list[dict[str, Any]], columns: list[str], plo
 def sampling_sweep(cfg: DictConfig, test_pass) -> tuple[list[dict[str, Any]], list[str], list[Path]]:
     """Run the grid; returns (rows, columns, plot paths). ``test_pass(overrides, out_dir)`` tests the
     checkpoint with the given config overrides and returns (test metrics, seconds per case)
-    (``diffseg.run.test_checkpoint``)."""
+    (``diffseg.drivers.run.test_checkpoint``)."""
     from diffseg.utils.checkpoint import read_checkpoint
 
     out_dir = Path(cfg.paths.output_dir)
