@@ -1,4 +1,4 @@
-"""SegRefiner training coarse masks made online from the ground truth (methods.md §3).
+"""SegRefiner training coarse masks made online from the ground truth (docs/methods.md §3).
 
 Contour simplification (drop a run of 10% of each contour's vertices, keep a random 10% of the rest,
 refill), then dilate or erode random rectangles (square kernel 3-10 px) until IoU with the ground truth

@@ -1,4 +1,4 @@
-"""SegRefiner coarse masks as MONAI dictionary transforms (methods.md §3).
+"""SegRefiner coarse masks as MONAI dictionary transforms (docs/methods.md §3).
 
 ``RandCoarseMaskd`` (training, after the random crop): a new coarse mask each time the sample is
 drawn. ``FixedCoarseMaskd`` (validation/test): one deterministic mask per case, seeded from the case

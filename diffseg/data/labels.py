@@ -1,7 +1,7 @@
 """Explicit label maps: raw values in label files -> class indices, and evaluation regions.
 
 Never rely on MONAI's ConvertToMultiChannelBasedOnBratsClasses: it assumes the BraTS 2018/2021 values
-(ET = 4), while BraTS 2023 uses ET = 3 and MSD Task01 yet another scheme (methods.md §1).
+(ET = 4), while BraTS 2023 uses ET = 3 and MSD Task01 yet another scheme (docs/methods.md §1).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SegRefiner's discrete "coarse -> fine" diffusion for binary masks (methods.md §3;
+"""SegRefiner's discrete "coarse -> fine" diffusion for binary masks (docs/methods.md §3;
 Wang et al., "SegRefiner", arXiv 2312.12425).
 
 Each pixel is in a fine (ground-truth) or coarse (input-mask) state. β̄_t is the probability
@@ -77,7 +77,7 @@ class BinaryRefinementDiffusion(Float64BufferModule):
 
     def transition_prob(self, confidence: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Probability that a coarse pixel turns fine going t -> t-1, given the network confidence c:
-        p = c·(β̄_{t-1} - β̄_t) / (1 - c·β̄_t)   (SegRefiner reverse step, methods.md §3)."""
+        p = c·(β̄_{t-1} - β̄_t) / (1 - c·β̄_t)   (SegRefiner reverse step, docs/methods.md §3)."""
         t = self._t(t, confidence)
         bb = self._bcast(self.beta_bar[t], confidence)
         bb_prev = self._bcast(self.beta_bar_prev[t], confidence)

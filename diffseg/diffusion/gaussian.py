@@ -1,4 +1,4 @@
-"""Gaussian diffusion (DDPM / DDIM) for ImgX-DiffSeg and SegDiff (methods.md §1, §2).
+"""Gaussian diffusion (DDPM / DDIM) for ImgX-DiffSeg and SegDiff (docs/methods.md §1, §2).
 
 Equations refer to Ho et al. 2020 ("DDPM", arXiv 2006.11239), Song et al. 2021 ("DDIM",
 arXiv 2010.02502) and Salimans & Ho 2022 (v-prediction, arXiv 2202.00512).
@@ -120,7 +120,7 @@ class GaussianDiffusion(Float64BufferModule):
 
     def respace(self, k: int, exact: bool = False) -> "GaussianDiffusion":
         """Keep ᾱ at ``evenly_spaced_indices(self.num_steps, k, exact)`` of THIS schedule and
-        recompute β' (methods.md §1); ``timesteps`` compose so they still index the original."""
+        recompute β' (docs/methods.md §1); ``timesteps`` compose so they still index the original."""
         idx = evenly_spaced_indices(self.num_steps, k, exact=exact).to(self.betas.device)
         return GaussianDiffusion(
             betas_from_alphas_cumprod(self.alphas_cumprod[idx]),

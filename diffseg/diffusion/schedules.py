@@ -1,4 +1,4 @@
-"""Variance schedules and step-index helpers (methods.md §1, §2).
+"""Variance schedules and step-index helpers (docs/methods.md §1, §2).
 
 Small pure functions on float64 tensors. Notation: β_t is the per-step noise variance,
 α_t = 1 - β_t and ᾱ_t = Π_{s<=t} α_s (the signal fraction kept at step t).
@@ -37,7 +37,7 @@ def beta_schedule(
     linear: linspace(β_start, β_end); quadratic: linspace(√β_start, √β_end)²;
     cosine: Nichol & Dhariwal (s = 0.008, β ≤ 0.999; β_start/β_end unused);
     warmup10 / warmup50: quadratic warm-up over the first T/10 (T/2) steps, then constant β_end
-    (ImgX reference, methods.md §1).
+    (ImgX reference, docs/methods.md §1).
     """
     _check_num_steps(num_steps)
     if name not in BETA_SCHEDULES:
@@ -89,7 +89,7 @@ def evenly_spaced_indices(num_steps: int, k: int, exact: bool = True) -> torch.T
 
 
 def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Invert ᾱ -> β: β'_0 = 1 - ᾱ'_0, β'_k = 1 - ᾱ'_k / ᾱ'_{k-1} (methods.md §1), float64."""
+    """Invert ᾱ -> β: β'_0 = 1 - ᾱ'_0, β'_k = 1 - ᾱ'_k / ᾱ'_{k-1} (docs/methods.md §1), float64."""
     abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
     if abar.ndim != 1 or abar.numel() == 0:
         raise ValueError(f"alphas_cumprod must be a non-empty 1-D tensor, got shape {tuple(abar.shape)}")
@@ -103,7 +103,7 @@ def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 def resample_betas(betas: torch.Tensor, k: int) -> torch.Tensor:
     """ImgX variance-schedule resampling: keep ᾱ at k evenly spaced indices (exact) and
-    recompute β' from it (methods.md §1, "Variance-schedule resampling")."""
+    recompute β' from it (docs/methods.md §1, "Variance-schedule resampling")."""
     betas = torch.as_tensor(betas, dtype=torch.float64)
     if betas.ndim != 1:
         raise ValueError(f"betas must be 1-D, got shape {tuple(betas.shape)}")

@@ -1,4 +1,4 @@
-"""SegRefiner's global-then-local inference for images larger than the training size (methods.md §3).
+"""SegRefiner's global-then-local inference for images larger than the training size (docs/methods.md §3).
 
 1. Global pass: the whole image and coarse mask resized to the training size, K reverse steps,
    the refined probability resized back to full resolution.

@@ -66,7 +66,7 @@ def _pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.ndar
 def mba(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Mean boundary accuracy of one (H, W) binary prediction against its ground truth.
 
-    As CascadePSP / SegRefiner (methods.md §3): for each radius r in :func:`mba_radii`, the band is
+    As CascadePSP / SegRefiner (docs/methods.md §3): for each radius r in :func:`mba_radii`, the band is
     the morphological gradient (dilation minus erosion) of the GROUND TRUTH with
     :func:`ellipse_kernel` (r); the accuracy is the fraction of band pixels where pred == target;
     mBA is the mean over the 5 radii (the data-set mBA is the mean of this over images).

@@ -1,6 +1,6 @@
 """Expected calibration error (ECE) of a binary foreground probability, per case and pooled.
 
-Binning (methods.md §5): ``n_bins`` (15) equal-width bins on [0, 1] of the predicted FOREGROUND
+Binning (docs/methods.md §5): ``n_bins`` (15) equal-width bins on [0, 1] of the predicted FOREGROUND
 probability p, as torchmetrics' ``binary_calibration_error``: the "confidence" is p itself and the
 "accuracy" is the target (so a bin compares the mean p with the observed foreground rate), bin b
 holds p in [b/n, (b+1)/n) (boundaries ``torch.linspace(0, 1, n + 1)`` in float64).

@@ -4,7 +4,7 @@ Masks are bool tensors of shape (R, *S): one channel per evaluated region (a cla
 classes such as the BraTS regions), *S the spatial shape (2D or 3D). Any device works; results come
 back as float64 tensors of shape (R,) on the input device.
 
-Conventions (methods.md §5):
+Conventions (docs/methods.md §5):
 - Dice = 2|P∩G| / (|P| + |G|), IoU = |P∩G| / |P∪G| (computed by MONAI).
 - both P and G empty -> ``empty_score`` (1.0 by default: "nothing to find, nothing found" is a
   perfect answer); exactly one of them empty -> 0.

@@ -68,7 +68,7 @@ def _surface_metric(pred, target, spacing, both_empty_value, one_empty_value, mo
 def hd95(pred: torch.Tensor, target: torch.Tensor, spacing: float | Sequence[float]) -> torch.Tensor:
     """95th-percentile symmetric Hausdorff distance in mm per region, (R,) float64.
 
-    HD95 = max(P95 of pred->target surface distances, P95 of target->pred) (methods.md §1), as
+    HD95 = max(P95 of pred->target surface distances, P95 of target->pred) (docs/methods.md §1), as
     MONAI's ``compute_hausdorff_distance(percentile=95)``. Both empty -> 0; one empty -> the image
     diagonal in mm (see module docstring).
     """

@@ -2,7 +2,7 @@
 
 Trained with Dice + CE on patches and evaluated through the same sliding-window predictor and
 metrics as every diffusion model, so the comparison is fair (ImgX paper: the 3D UNet roughly
-matches the diffusion model). An SDN neck (methods.md §4) plugs into the network's ``neck``.
+matches the diffusion model). An SDN neck (docs/methods.md §4) plugs into the network's ``neck``.
 """
 from __future__ import annotations
 

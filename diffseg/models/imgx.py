@@ -1,4 +1,4 @@
-"""ImgX-DiffSeg: Gaussian diffusion over one-hot masks, x0-prediction, few steps (methods.md §1).
+"""ImgX-DiffSeg: Gaussian diffusion over one-hot masks, x0-prediction, few steps (docs/methods.md §1).
 
 The denoiser is a time-conditioned UNet on ``cat(image, x_t)`` (x_t: the noisy mask, one channel
 per class in [-1, 1] one-hot space) that outputs class logits; x̂0 = 2·softmax(logits) - 1.
@@ -206,7 +206,7 @@ class ImgXDiffSeg(SegmentationModule):
         x0 = 2.0 * F.one_hot(label[:, 0].long(), self.num_classes).movedim(-1, 1).to(noise.dtype) - 1.0
         start = x0
         if self.recycling != "none":
-            # mask recycling (methods.md §1): x̂0 from the TRUE mask noised to t_r, without gradient
+            # mask recycling (docs/methods.md §1): x̂0 from the TRUE mask noised to t_r, without gradient
             t_r = self.recycle_step(t)
             with torch.no_grad():
                 x_tr = proc.q_sample(x0, t_r, noise_r)

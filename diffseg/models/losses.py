@@ -1,4 +1,4 @@
-"""Segmentation losses on class logits, from MONAI (methods.md §1: Dice without background + CE)."""
+"""Segmentation losses on class logits, from MONAI (docs/methods.md §1: Dice without background + CE)."""
 from __future__ import annotations
 
 import torch

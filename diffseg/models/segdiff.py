@@ -1,4 +1,4 @@
-"""SegDiff (methods.md §2, Amit et al. 2021, arXiv 2112.00390) on the shared framework.
+"""SegDiff (docs/methods.md §2, Amit et al. 2021, arXiv 2112.00390) on the shared framework.
 
 - The mask is diffused in [-1, 1]: binary tasks use ONE channel, x0 = 2·mask - 1 (the paper); tasks
   with more classes (BraTS) use a one-hot mask, x0 = 2·onehot - 1 with C channels (our extension:
@@ -41,7 +41,7 @@ STD_PNG_SCALE = 510.0
 
 def stretched_linear_betas(num_steps: int) -> torch.Tensor:
     """DDPM's linear schedule (1e-4 .. 0.02 over 1000 steps) stretched to T = ``num_steps``:
-    β from (1000/T)·1e-4 to (1000/T)·0.02 (methods.md §2; Nichol & Dhariwal 2021,
+    β from (1000/T)·1e-4 to (1000/T)·0.02 (docs/methods.md §2; Nichol & Dhariwal 2021,
     improved-diffusion ``get_named_beta_schedule("linear")``). T = 100 gives β 0.001 .. 0.2."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 20:
         raise ValueError(f"model.num_steps: expected an int > 20 (β_end = 20/T must stay below 1), got {num_steps!r}")

@@ -1,4 +1,4 @@
-"""SegRefiner (methods.md §3; Wang et al., arXiv 2312.12425): refine a coarse binary mask given the image.
+"""SegRefiner (docs/methods.md §3; Wang et al., arXiv 2312.12425): refine a coarse binary mask given the image.
 
 Discrete "coarse -> fine" diffusion (``diffusion.discrete.BinaryRefinementDiffusion``). The denoiser
 is a TimeUNet on [image, m_t] (image channels + 1) with one logit channel out and a learned
@@ -39,7 +39,7 @@ def sobel_magnitude(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def texture_l1(prob: torch.Tensor, target: torch.Tensor, pool: int = 3, eps: float = 1e-6) -> torch.Tensor:
-    """SegRefiner's texture loss (methods.md §3): mean |S(A(prob)) - S(A(target))| where A is a
+    """SegRefiner's texture loss (docs/methods.md §3): mean |S(A(prob)) - S(A(target))| where A is a
     ``pool``×``pool`` average pool (stride 1, replicate padding) and S the Sobel gradient magnitude."""
     if prob.shape != target.shape:
         raise ValueError(f"texture_l1: prob {tuple(prob.shape)} and target {tuple(target.shape)} differ")

@@ -1,4 +1,4 @@
-"""Networks: time-conditioned UNet, SegDiff's RRDB image encoder and denoiser, SDN neck (methods.md §1-§4)."""
+"""Networks: time-conditioned UNet, SegDiff's RRDB image encoder and denoiser, SDN neck (docs/methods.md §1-§4)."""
 
 from diffseg.nets.rrdb import RRDB, DenseBlock, RRDBEncoder
 from diffseg.nets.sdn import SDNFusion, SDNNeck, SemanticDifferenceConv

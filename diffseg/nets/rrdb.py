@@ -1,4 +1,4 @@
-"""ESRGAN Residual-in-Residual Dense Blocks without batch norm: SegDiff's image encoder G(I) (methods.md §2)."""
+"""ESRGAN Residual-in-Residual Dense Blocks without batch norm: SegDiff's image encoder G(I) (docs/methods.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Semantic Diffusion Network neck (methods.md §4): one learnable anisotropic-diffusion step on features.
+"""Semantic Diffusion Network neck (docs/methods.md §4): one learnable anisotropic-diffusion step on features.
 
 Semantic difference convolution:  y(p) = sum_{q in N(p)} w_q * s(v_q, v_p) * (u_q - u_p)
 with w a per-channel kernel over the k^d neighbourhood and s(v_q, v_p) = exp(-mean_c (A v_q - A v_p)^2)

@@ -1,4 +1,4 @@
-"""SegDiff's denoiser: eps_theta(x_t, I, t) = UNet(F(x_t) + G(I), t) (methods.md §2).
+"""SegDiff's denoiser: eps_theta(x_t, I, t) = UNet(F(x_t) + G(I), t) (docs/methods.md §2).
 
 F is a single 3x3 conv on the noisy mask, G an RRDB image encoder; both map to C = channels[0] of the
 UNet. Ablations from the paper: ``conditioning="concat"`` feeds [F(x_t), G(I)] (2C channels) and

@@ -1,4 +1,4 @@
-"""Time-conditioned UNet shared by every model (methods.md §1, §2, §3).
+"""Time-conditioned UNet shared by every model (docs/methods.md §1, §2, §3).
 
 One network family, parametrised instead of copied:
 

@@ -1,4 +1,4 @@
-"""SegDiff end to end through scripts/fit.py (methods.md §2): training beats the untrained model on the
+"""SegDiff end to end through scripts/fit.py (docs/methods.md §2): training beats the untrained model on the
 built-in shapes, and the MoNuSeg experiment runs on any folder of images/masks with the metrics of the
 running mean after 1..N samples (IoU, Dice, mBA, boundary F, ECE) and the saved uncertainty maps."""
 from __future__ import annotations

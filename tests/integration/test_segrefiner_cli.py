@@ -1,4 +1,4 @@
-"""SegRefiner end to end (methods.md §3): fit on shapes2d with online coarse masks, refine.py on another
+"""SegRefiner end to end (docs/methods.md §3): fit on shapes2d with online coarse masks, refine.py on another
 method's masks (a threshold of the image), and the cascade from the UNet baseline's saved predictions.
 
 The trained runs are shared through module-scoped fixtures (one SegRefiner fit, one short UNet fit).

@@ -1,4 +1,4 @@
-"""SegRefiner coarse masks (methods.md §3): IoU lands in the target range, binary, deterministic."""
+"""SegRefiner coarse masks (docs/methods.md §3): IoU lands in the target range, binary, deterministic."""
 import numpy as np
 import pytest
 

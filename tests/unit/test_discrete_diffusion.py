@@ -1,4 +1,4 @@
-"""SegRefiner discrete diffusion (methods.md §3) vs hand-computed values and sampling statistics."""
+"""SegRefiner discrete diffusion (docs/methods.md §3) vs hand-computed values and sampling statistics."""
 
 import pytest
 import torch

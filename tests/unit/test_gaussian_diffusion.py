@@ -152,7 +152,7 @@ def test_q_posterior_matches_bayes_closed_form():
         torch.testing.assert_close(mean[t], bayes_mean)
     torch.testing.assert_close(mean[0], x0[0])  # ᾱ_{-1} = 1: the t=0 posterior is a point mass at x0
     assert var[0].abs().max().item() == 0.0
-    # methods.md §1 reference posterior variance for the resampled schedule
+    # docs/methods.md §1 reference posterior variance for the resampled schedule
     ref = torch.tensor([0.0, 9.9989e-5, 0.44116775, 0.88571183, 0.98472270], dtype=torch.float64)
     torch.testing.assert_close(var.flatten(1)[:, 0], ref, atol=1e-6, rtol=0)
     # fixed_large: β_t with the first entry replaced by β̃_1

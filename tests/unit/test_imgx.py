@@ -1,6 +1,6 @@
 """ImgX-DiffSeg model: recycling gradients, schedules, sampling outputs, reproducibility, configs.
 
-Oracles: the methods.md §1 reference values of the resampled schedule, DDPM's closed-form posterior
+Oracles: the docs/methods.md §1 reference values of the resampled schedule, DDPM's closed-form posterior
 written out here in float64, MONAI's DiceCELoss on a hand-made second pass, and softmax itself.
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def test_gradient_flows_only_through_the_second_pass():
     loss.backward()
     grads = [p.grad.clone() for p in model.net.parameters()]
 
-    # manual oracle: first pass as a constant, second pass with DiceCE, written from methods.md §1
+    # manual oracle: first pass as a constant, second pass with DiceCE, written from docs/methods.md §1
     abar = ABAR
     x0 = 2 * torch.nn.functional.one_hot(batch["label"][:, 0], C).movedim(-1, 1).float() - 1
     t_r = torch.tensor([1, 4])
@@ -209,7 +209,7 @@ def test_step_outputs_keep_evenly_spaced_steps(trained):
 
 
 def test_two_step_ddpm_sampling_matches_closed_form(trained):
-    """Steps 1000 -> 0 of the base schedule, DDPM posterior (methods.md §1) written out in float64."""
+    """Steps 1000 -> 0 of the base schedule, DDPM posterior (docs/methods.md §1) written out in float64."""
     model = trained
     model.configure_sampling(steps=2, num_samples=1, sampler="ddpm")
     image = make_batch(b=1)["image"]

@@ -1,4 +1,4 @@
-"""Semantic Diffusion Network neck (methods.md §4): SDC against closed forms, fusion, neck, UNet plug-in."""
+"""Semantic Diffusion Network neck (docs/methods.md §4): SDC against closed forms, fusion, neck, UNet plug-in."""
 
 import itertools
 

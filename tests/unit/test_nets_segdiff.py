@@ -1,4 +1,4 @@
-"""RRDB image encoder and SegDiff denoiser (methods.md §2)."""
+"""RRDB image encoder and SegDiff denoiser (docs/methods.md §2)."""
 
 import pytest
 import torch

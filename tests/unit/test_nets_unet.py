@@ -1,4 +1,4 @@
-"""TimeUNet (methods.md §1-§3): shapes, time conditioning, attention vs torch MHA, errors, learning."""
+"""TimeUNet (docs/methods.md §1-§3): shapes, time conditioning, attention vs torch MHA, errors, learning."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Variance schedules and index helpers vs closed forms, diffusers and methods.md §1 reference values."""
+"""Variance schedules and index helpers vs closed forms, diffusers and docs/methods.md §1 reference values."""
 
 import math
 
@@ -15,7 +15,7 @@ from diffseg.diffusion import (
     resample_betas,
 )
 
-# methods.md §1: linear 1e-4..0.02, T=1001 resampled to K=5 (float64)
+# docs/methods.md §1: linear 1e-4..0.02, T=1001 resampled to K=5 (float64)
 REF_ABAR = [0.9999, 0.52175014, 0.07799232, 0.00331891, 3.9952e-5]
 REF_BETA = [1.0e-4, 0.47819768, 0.85051787, 0.95744564, 0.98796232]
 REF_POST_VAR = [0.0, 9.9989e-5, 0.44116775, 0.88571183, 0.98472270]

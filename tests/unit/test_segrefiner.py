@@ -1,4 +1,4 @@
-"""SegRefiner model (methods.md §3): texture loss against closed forms and scipy, training loss wiring,
+"""SegRefiner model (docs/methods.md §3): texture loss against closed forms and scipy, training loss wiring,
 coarse-mask transforms, windowed prediction with the coarse mask, global-then-local inference."""
 import logging
 from functools import partial
