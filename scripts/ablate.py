@@ -3,7 +3,7 @@
 
 Runs scripts/fit.py per (variant, seed) into OUT/<variant>/seed<s> (default OUT: outputs/ablate/<name>_<scale>),
 skips finished runs, resumes interrupted ones, and writes OUT/ablation.md and OUT/ablation.csv.
-Grids: experiments/ablate/<name>.yaml.
+Grids: ablation_grids/<name>.yaml.
 """
 import sys
 from pathlib import Path

@@ -14,7 +14,7 @@ def main(cfg: DictConfig) -> float:
     from diffseg.drivers.run import fit
 
     metrics = run_cli(fit, cfg)
-    return metrics.get("test/dice", float("nan"))
+    return metrics[cfg.optimized_metric]  # a validation metric, for Hydra sweepers (never a test one)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Ablation reproduction: ``scripts/ablate.py ablation=imgx|segdiff|segrefiner [seeds=3] [scale=..] [jobs=N]
 [variants=[..]] [out=DIR] [overrides]``.
 
-A grid (``experiments/ablate/<name>.yaml``) names an experiment, the metrics, a reference variant and
+A grid (``ablation_grids/<name>.yaml``) names an experiment, the metrics, a reference variant and
 the variants: ``fit`` overrides (a training run per seed), or ``from: <variant>`` with ``evaluate``
 overrides (the other variant's checkpoint of the same seed, tested with other sampling settings), or
 ``from`` with ``metric_prefix`` (another output of that run, e.g. ``samples/1/``: no run at all).
@@ -25,7 +25,7 @@ from diffseg.drivers.jobs import (REPO, Job, check_overrides_compose, group_choi
                                 split_overrides)
 from diffseg.utils.outputs import atomic_write_text, markdown_table, write_json
 
-GRIDS = REPO / "experiments" / "ablate"
+GRIDS = REPO / "ablation_grids"
 EXPECTATIONS = ("higher", "lower", "similar", "not_higher", "not_lower")
 OWN = {"ablation": None, "seeds": 3, "out": None, "jobs": 1, "variants": None}
 

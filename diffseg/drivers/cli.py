@@ -16,11 +16,24 @@ def _sum(*values):
     return None if any(v is None for v in values) else sum(values)
 
 
+#: metrics where lower is better (checkpoint selection and early stopping minimise them)
+LOWER_IS_BETTER = ("hd95", "ece", "loss")
+
+
+def metric_mode(metric: str) -> str:
+    """``${metric_mode:hd95}`` -> "min": lower is better for distances, calibration errors and losses
+    (``hd95``, ``hd95/wt``, ``ece``, ``samples/3/ece``, ``loss``, ``bce``), higher for everything else."""
+    parts = str(metric).split("/")
+    return "min" if any(p in LOWER_IS_BETTER or p.endswith("loss") for p in parts) else "max"
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("sum"):
         OmegaConf.register_new_resolver("sum", _sum)
+    if not OmegaConf.has_resolver("metric_mode"):
+        OmegaConf.register_new_resolver("metric_mode", metric_mode)
 
 
 register_resolvers()  # the scripts import this module before Hydra composes their config

@@ -98,23 +98,47 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
     return loggers
 
 
+def build_callbacks(cfg: DictConfig, out_dir: Path, loggers: list) -> list:
+    """The ``callbacks`` group (best/last checkpoints, lr monitor, early stopping ...), then the final
+    last.ckpt that resuming relies on."""
+    callbacks = []
+    for name, ccfg in (cfg.get("callbacks") or {}).items():
+        if ccfg is None:
+            continue
+        callback = instantiate(ccfg)
+        if isinstance(callback, LearningRateMonitor) and not loggers:
+            log.info("callbacks.%s: no logger is configured, so the learning rate is not logged", name)
+            continue
+        callbacks.append(callback)
+    return callbacks + [FinalCheckpoint(out_dir / "checkpoints" / "last.ckpt")]
+
+
+def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The ModelCheckpoint that monitors a metric (checkpoints/best.ckpt), if any."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+
+
+def check_optimized_metric(metric: str) -> None:
+    if not str(metric).startswith("val/"):
+        raise ConfigError(f"optimized_metric={metric}: expected a validation metric (val/...): choices are made "
+                          "on the validation split, never on test")
+
+
+def optimized_value(trainer: L.Trainer, metric: str) -> float:
+    """The value of ``metric`` (a val/ metric) for Hydra sweepers: at the best checkpoint when it is the
+    monitored metric, else at the last validation."""
+    check_optimized_metric(metric)
+    best = best_checkpoint_callback(trainer)
+    if best is not None and best.monitor == metric and best.best_model_score is not None:
+        return float(best.best_model_score)
+    value = trainer.callback_metrics.get(metric)
+    return float(value) if value is not None else float("nan")
+
+
 def build_trainer(cfg: DictConfig, out_dir: Path, *, loggers: list | None = None, training: bool = True) -> L.Trainer:
     callbacks: list = [ConfigInCheckpoint(cfg)]
     if training:
-        ckpt_dir = out_dir / "checkpoints"
-        monitor = f"val/{cfg.model.get('monitor', 'dice')}"
-        callbacks += [
-            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_top_k=1,
-                            enable_version_counter=False, auto_insert_metric_name=False),
-            ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=int(cfg.checkpoint_every),
-                            save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True),
-            FinalCheckpoint(ckpt_dir / "last.ckpt"),
-        ]
-        if loggers:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-    for ccfg in (cfg.get("callbacks") or {}).values():
-        if ccfg is not None:
-            callbacks.append(instantiate(ccfg))
+        callbacks += build_callbacks(cfg, out_dir, loggers or [])
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False,
                        plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir), _convert_="all")
 
@@ -171,9 +195,11 @@ def format_table(metrics: dict[str, float], title: str = "test metrics (best che
 
 
 def fit(cfg: DictConfig) -> dict[str, float]:
-    """Train, then test the best checkpoint. Returns the test metrics (also in DIR/metrics.json)."""
+    """Train, then test the best checkpoint. Returns the test metrics (also in DIR/metrics.json) and the
+    value of ``cfg.optimized_metric`` (a validation metric, see ``optimized_value``)."""
     out_dir = Path(cfg.paths.output_dir)
     check_data_root(cfg)
+    check_optimized_metric(cfg.optimized_metric)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision("high")
@@ -205,7 +231,9 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - start
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best_callback = best_checkpoint_callback(trainer)
+    best = best_callback.best_model_path if best_callback is not None else ""
+    optimized = optimized_value(trainer, cfg.optimized_metric)
     test_ckpt = best if best and Path(best).is_file() else (str(last) if last.is_file() else None)
     trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
     metrics = write_test_outputs(model, out_dir)
@@ -215,7 +243,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         if hasattr(logger, "experiment") and hasattr(logger, "finalize"):
             logger.finalize("success")
-    return metrics
+    return {**metrics, cfg.optimized_metric: optimized}
 
 
 def load_model(ckpt_path: str | os.PathLike, overrides: DictConfig | dict | None = None):

@@ -26,21 +26,14 @@ import torch.distributed as dist
 
 from diffseg.inference.window import sliding_window_predict
 from diffseg.metrics.scoring import aggregate, score_case
-from diffseg.utils.errors import TrainingDiverged
+from diffseg.models.lr_schedules import warmup_cosine
+from diffseg.utils.errors import ConfigError, TrainingDiverged
 from diffseg.utils.outputs import save_panel_grid, save_prediction_file
 
 FINAL = "final"
 
 # metrics are gathered over ranks by hand (each case once), so Lightning's sync_dist advice does not apply
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps`` (reference schedule)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class SegmentationModule(L.LightningModule):
@@ -57,9 +50,7 @@ class SegmentationModule(L.LightningModule):
         regions: Mapping[str, Sequence[int]],
         optimizer: Callable[..., torch.optim.Optimizer],
         roi_size: Sequence[int],
-        warmup_steps: int = 100,
-        total_steps: int = 10000,
-        min_lr_ratio: float = 0.0,
+        lr_schedule: Callable[..., float] | None = None,
         overlap: float = 0.5,
         sw_batch_size: int = 1,
         window_progress: bool = False,
@@ -81,7 +72,8 @@ class SegmentationModule(L.LightningModule):
         self.regions = {str(k): [int(i) for i in v] for k, v in dict(regions).items()}
         self.optimizer_factory = optimizer
         self.roi_size = tuple(int(r) for r in roi_size)
-        self.warmup_steps, self.total_steps, self.min_lr_ratio = int(warmup_steps), int(total_steps), min_lr_ratio
+        # step -> learning-rate factor, given total_steps (diffseg.models.lr_schedules; config group model/lr_schedule)
+        self.lr_schedule = lr_schedule if lr_schedule is not None else partial(warmup_cosine, warmup_steps=100)
         self.overlap, self.sw_batch_size, self.window_progress = overlap, int(sw_batch_size), window_progress
         self.surface_metrics, self.nsd_tolerance = surface_metrics, float(nsd_tolerance)
         self.num_plot_cases = int(num_plot_cases)
@@ -129,8 +121,12 @@ class SegmentationModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())
-        schedule = partial(warmup_cosine, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
-                           min_ratio=self.min_lr_ratio)
+        # the optimiser steps this fit will run: max_steps, or max_epochs x batches per epoch / accumulation
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError("the learning-rate schedule needs the length of the run: set trainer.max_steps "
+                              "or trainer.max_epochs")
+        schedule = partial(self.lr_schedule, total_steps=int(total))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -15,17 +15,17 @@ from diffseg.data.formats.brats import BratsSource
 from diffseg.data.formats.folder2d import Folder2DSource
 from diffseg.data.synthetic import write_brats_synthetic, write_shapes2d
 from diffseg.metrics.scoring import aggregate, score_case
-from diffseg.models.base import warmup_cosine
+from diffseg.models.lr_schedules import warmup_cosine
 from diffseg.utils.checkpoint import AtomicCheckpointIO
 
 
 def test_warmup_cosine_closed_form():
-    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
-    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
-    assert warmup_cosine(10, 10, 110) == pytest.approx(1.0)
-    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)  # half-way through the cosine
-    assert warmup_cosine(110, 10, 110) == pytest.approx(0.0)
-    assert warmup_cosine(110, 10, 110, min_ratio=0.1) == pytest.approx(0.1)
+    assert warmup_cosine(0, warmup_steps=10, total_steps=110) == pytest.approx(0.1)
+    assert warmup_cosine(9, warmup_steps=10, total_steps=110) == pytest.approx(1.0)
+    assert warmup_cosine(10, warmup_steps=10, total_steps=110) == pytest.approx(1.0)
+    assert warmup_cosine(60, warmup_steps=10, total_steps=110) == pytest.approx(0.5)  # half-way through the cosine
+    assert warmup_cosine(110, warmup_steps=10, total_steps=110) == pytest.approx(0.0)
+    assert warmup_cosine(110, warmup_steps=10, total_steps=110, min_ratio=0.1) == pytest.approx(0.1)
 
 
 def test_atomic_checkpoint_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch):

@@ -413,6 +413,6 @@ def test_configs_and_ablations_compose_and_build(scale, ablation, check):
     assert net.level_channels == ([8, 16, 32] if scale == "tiny" else [32, 64, 128, 256])
     assert model.roi_size == {("tiny", True): (32, 32, 1), ("paper", True): (128, 128, 1),
                               ("tiny", False): (32, 32, 32), ("paper", False): (128, 128, 128)}[scale, ablation == "imgx_2d"]
-    opt = model.configure_optimizers()["optimizer"]
+    opt = model.optimizer_factory(params=model.parameters())
     assert opt.defaults["weight_decay"] == 1e-8 and cfg.trainer.gradient_clip_val == 1.0
     assert opt.defaults["lr"] == (3e-3 if scale == "tiny" else 1e-4)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from diffseg.models.lr_schedules import constant
 from diffseg.models.base import FINAL
 from diffseg.models.segdiff import STD, SegDiff, stretched_linear_betas
 from diffseg.nets.segdiff_denoiser import SegDiffDenoiser
@@ -287,7 +288,7 @@ class _Recorder(L.Callback):
 def test_ema_weights_are_tracked_and_used_in_validation(tmp_path):
     torch.manual_seed(0)
     decay, steps = 0.6, 4
-    model = make_model(_tiny_denoiser(), roi=(8, 8), ema_decay=decay, num_steps=25, warmup_steps=0,
+    model = make_model(_tiny_denoiser(), roi=(8, 8), ema_decay=decay, num_steps=25, lr_schedule=constant,
                        sampling={"num_samples": 1, "steps": 3})
     recorder = _Recorder()
     loader = torch.utils.data.DataLoader(_Batches(steps), batch_size=1)

@@ -75,7 +75,7 @@ def test_texture_loss_rejects_bad_input():
 
 # ----------------------------------------------------------------------------- model helpers
 BASE = dict(num_classes=2, spatial_dims=2, regions={"foreground": [1]},
-            optimizer=partial(torch.optim.AdamW, lr=1e-3), roi_size=(32, 32), warmup_steps=1, total_steps=10)
+            optimizer=partial(torch.optim.AdamW, lr=1e-3), roi_size=(32, 32))
 
 
 def tiny_unet(**kw):

@@ -1,4 +1,4 @@
-"""experiments/sweeps/: every W&B sweep spec runs scripts/fit.py with Hydra overrides, every cell of its
+"""wandb_sweeps/: every W&B sweep spec runs scripts/fit.py with Hydra overrides, every cell of its
 grid composes, and a run of its experiment reports the metric the spec optimises under that name."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[2]
-SPECS = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
+SPECS = sorted((REPO / "wandb_sweeps").glob("*.yaml"))
 
 
 def grid(spec: dict) -> list[list[str]]:
@@ -56,7 +56,7 @@ def test_spec_runs_fit_with_hydra_overrides_and_every_cell_composes(path):
     spec = yaml.safe_load(path.read_text())
     assert spec["program"] == "scripts/fit.py"
     assert "${args_no_hyphens}" in spec["command"] and "${program}" in spec["command"]
-    assert spec["metric"]["goal"] in ("maximize", "minimize") and spec["metric"]["name"].startswith("test/")
+    assert spec["metric"]["goal"] in ("maximize", "minimize") and spec["metric"]["name"].startswith("val/")
     cells = grid(spec)
     assert len(cells) >= 2
     for cell in cells:
@@ -75,19 +75,21 @@ def test_a_spec_naming_an_unknown_key_fails_to_compose():
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
-def test_a_run_reports_the_optimised_metric_under_its_name(path, tmp_path_factory, monkeypatch):
-    """Builds the first cell's data and (untrained) model and tests it on one case through the same
-    code path as fit.py: the spec's metric must be among the logged test metrics."""
+def test_a_run_reports_the_optimised_validation_metric_under_its_name(path, tmp_path_factory, monkeypatch):
+    """Builds the first cell's data and (untrained) model and validates it on one case through the same
+    code path as fit.py: the spec optimises a validation metric (never a test one), and that metric must be
+    among the logged validation metrics."""
     from diffseg.drivers.run import build_datamodule, build_model, build_trainer
 
     spec = yaml.safe_load(path.read_text())
     monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path_factory.getbasetemp() / "sweep_cache"))
     out = tmp_path_factory.mktemp(path.stem)
     cell = [c for c in grid(spec)[0] if not c.startswith("logger")]
-    cfg = compose_fit([*cell, "logger=none", "+trainer.limit_test_batches=1"], out)
+    cfg = compose_fit([*cell, "logger=none", "+trainer.limit_val_batches=1"], out)
     L.seed_everything(0)
     dm = build_datamodule(cfg)
     model = build_model(cfg)
     trainer = build_trainer(cfg, out, training=False)
-    trainer.test(model, datamodule=dm, verbose=False)
-    assert spec["metric"]["name"] in model.test_results, sorted(model.test_results)
+    trainer.validate(model, datamodule=dm, verbose=False)
+    assert spec["metric"]["name"].startswith("val/")
+    assert spec["metric"]["name"] in trainer.callback_metrics, sorted(trainer.callback_metrics)
