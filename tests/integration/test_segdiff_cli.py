@@ -50,7 +50,7 @@ def test_monuseg_experiment_on_a_folder(tmp_path, cache_dir):
     root = write_shapes2d(tmp_path / "monuseg_like", num_cases=12, size=64, seed=3)
     out = tmp_path / "run"
     run_script("fit.py", "experiment=segdiff_monuseg", "data=folder2d", f"data.root={root}", "scale=tiny",
-               "trainer.max_steps=16", "trainer.check_val_every_n_epoch=1", "save_predictions=true", "logger=csv",
+               "trainer.max_steps=16", "trainer.val_check_interval=8", "save_predictions=true", "logger=csv",
                "trainer.enable_progress_bar=false",
                f"hydra.run.dir={out}", cache=cache_dir)
     metrics = read_metrics(out)
