@@ -100,6 +100,7 @@ class SegRefiner(SegmentationModule):
         self.diffusion = BinaryRefinementDiffusion(int(num_steps), float(beta_start))
         self.texture_weight, self.texture_pool = float(texture_weight), int(texture_pool)
         self.refine_settings = settings
+        self.last_local_patches: int | None = None
         if settings.steps is not None and settings.steps > self.diffusion.num_steps:
             raise ConfigError(f"model.refine.steps: expected at most model.num_steps={num_steps} (the reverse "
                               f"steps t = K-1 .. K-steps), got {settings.steps}")
@@ -165,11 +166,13 @@ class SegRefiner(SegmentationModule):
         larger = any(s > r for s, r in zip(size, self.roi_size))
         fits = all(s >= r for s, r in zip(size, self.roi_size))
         global_local = settings.local and larger and fits
+        self.last_local_patches = None  # how many local patches the last global-local case refined
         if global_local:
             self.seed_case(case_id, image.device)
             out = global_local_refine(self.run_steps, image, coarse, self.roi_size, self.diffusion.num_steps,
                                       settings)
             result = {FINAL: two_class(out["final"]), "global": two_class(out["global"]), "coarse": two_class(coarse)}
+            self.last_local_patches = len(out["boxes"])
         else:
             result = super().predict_case(torch.cat([image, coarse], dim=1), case_id, batch)
         # too small to refine: the reference returns an empty mask (per image of the batch)
