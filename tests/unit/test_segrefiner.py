@@ -383,9 +383,9 @@ def test_model_global_pass_steps_k_minus_1_to_1_then_local_at_0():
     steps = [t.tolist() for _, t in model.net.calls]
     shapes = [s for s, _ in model.net.calls]
     assert steps[:5] == [[5], [4], [3], [2], [1]] and shapes[:5] == [(1, 4, 32, 32)] * 5
-    local = steps[5:]
+    local = steps[5:]  # every later call: a batch of local patches at t = 0, one patch each
     assert local and all(set(t) == {0} for t in local) and all(s[1:] == (4, 32, 32) for s in shapes[5:])
-    assert sum(len(t) for t in local) >= 1
+    assert sum(len(t) for t in local) == model.last_local_patches >= 1
     # local patches see the full-resolution logits: the output is sharp where the logits are
     assert torch.equal(out[FINAL].argmax(1)[..., :, :30], torch.ones(1, 64, 30, dtype=torch.long))
     assert torch.equal(out[FINAL].argmax(1)[..., :, 34:], torch.zeros(1, 64, 30, dtype=torch.long))
