@@ -20,12 +20,19 @@ def _n_params(m: nn.Module) -> int:
 
 @pytest.mark.parametrize("dims,size", [(2, (16, 24)), (3, (8, 8, 16))])
 @pytest.mark.parametrize("upsample", ["transpose", "nearest"])
-def test_output_shape(dims, size, upsample):
+def test_gradient_reaches_every_parameter_and_every_input_voxel(dims, size, upsample):
+    """Every weight takes part in the output (no dead branch, no unused skip or time projection), and one
+    output voxel depends on the whole input (GroupNorm statistics and the deepest level span the image)."""
     torch.manual_seed(0)
-    net = TimeUNet(dims, 3, 2, channels=(8, 16, 32), upsample=upsample)
-    out = net(torch.randn(2, 3, *size), torch.tensor([0.0, 7.5]))
-    assert out.shape == (2, 2, *size)
-    assert torch.isfinite(out).all()
+    net = TimeUNet(dims, 3, 2, channels=(8, 16, 32), upsample=upsample, attention_levels=(2,))
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    out = net(x, torch.tensor([0.0, 7.5]))
+    assert out.shape == (2, 2, *size)  # the input's spatial size
+    out[(0, 1, *(s // 2 for s in size))].backward()
+    dead = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead
+    assert (x.grad[0].abs().sum(0) > 0).all()  # every input voxel of sample 0 reaches that output voxel
+    assert (x.grad[1] == 0).all()  # and none of sample 1 (samples are independent)
 
 
 def test_sinusoidal_matches_diffusers():
