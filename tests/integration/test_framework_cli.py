@@ -220,7 +220,7 @@ def test_msd_anisotropic_spacing_and_folder2d_layouts(tmp_path, cache_dir):
     run_script("fit.py", "experiment=unet_folder2d", f"data.root={folder}", "scale=tiny", "trainer.max_steps=16",
                "logger=csv", f"hydra.run.dir={tmp_path}/f2d_run", cache=cache_dir)
     m2 = read_metrics(tmp_path / "f2d_run")
-    for key in ("test/dice", "test/iou", "test/iou_pooled", "test/mba", "test/boundary_f", "test/ece"):
+    for key in ("test/dice", "test/iou", "test/iou_pooled", "test/mba", "test/fbound", "test/wcov", "test/ece"):
         assert key in m2, key
 
 
