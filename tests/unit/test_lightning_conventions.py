@@ -1,0 +1,106 @@
+"""Lightning and W&B conventions: every model loads the Lightning way, W&B follows the WANDB_* variables."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from diffseg.drivers.run import build_loggers, build_model
+from diffseg.utils.checkpoint import read_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+# the data description fit.py reads from the files, for the built-in data sets of the experiments below
+SHAPES2D = {"spatial_dims": 2, "in_channels": 3, "num_classes": 2, "class_names": ["foreground"],
+            "regions": {"foreground": [1]}}
+BRATS = {"spatial_dims": 3, "in_channels": 4, "num_classes": 4, "class_names": ["wt", "tc", "et"],
+         "regions": {"wt": [1, 2, 3], "tc": [1, 3], "et": [3]}}
+MODELS = {  # one experiment per LightningModule
+    "unet_folder2d": ("data=shapes2d", SHAPES2D),
+    "imgx_brats": ("data=brats_synthetic", BRATS),
+    "segdiff_folder2d": ("data=shapes2d", SHAPES2D),
+    "segrefiner_folder2d": ("data=shapes2d", SHAPES2D),
+}
+
+
+def compose_fit(overrides: list[str], out: Path, data_info: dict | None = None):
+    with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
+        cfg = compose("fit", overrides=[*overrides, f"paths.output_dir={out}"])
+    for key, value in (data_info or {}).items():
+        cfg.data[key] = value
+    return cfg
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_loads_from_its_checkpoint_the_lightning_way(name, tmp_path):
+    """``Model.load_from_checkpoint(ckpt)`` with nothing else rebuilds the model that wrote it: the same
+    class, hyper-parameters and weights, and the same prediction of a window for the same noise."""
+    data, info = MODELS[name]
+    cfg = compose_fit([f"experiment={name}", data, "scale=tiny", "logger=none"], tmp_path, info)
+    L.seed_everything(0)
+    model = build_model(cfg)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+
+    loaded = type(model).load_from_checkpoint(path)
+    assert type(loaded) is type(model) and loaded.hparams == model.hparams
+    assert loaded.hparams.run_config["model"]["_target_"] == cfg.model._target_
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    assert read_checkpoint(path)[1].data.num_classes == info["num_classes"]  # the run config rides along
+
+    roi = model.roi_size
+    channels = info["in_channels"] + (1 if name.startswith("segrefiner") else 0)  # + the coarse mask
+    image = torch.rand(1, channels, *roi, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for m in (model, loaded):
+        m.eval()
+        m.seed_case("case0", "cpu")
+        with torch.no_grad():
+            outputs.append(m.predict_window(image)["final"])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def _wandb_logger(monkeypatch, tmp_path, env: dict[str, str], overrides: tuple[str, ...] = ()):
+    for key in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_fit(["logger=wandb", *overrides], tmp_path)
+    (logger,) = build_loggers(cfg, tmp_path)
+    return logger
+
+
+def test_wandb_follows_the_wandb_environment_variables(monkeypatch, tmp_path):
+    """WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY set by the user (or by a `wandb agent`) win over the
+    config's defaults; without them the run is offline in project diffseg; the keys still override."""
+    logger = _wandb_logger(monkeypatch, tmp_path, {"WANDB_MODE": "online", "WANDB_PROJECT": "brats-study",
+                                                   "WANDB_ENTITY": "my-lab"})
+    init = logger._wandb_init  # the wandb.init arguments (no network is touched here)
+    assert (init["mode"], init["project"], init["entity"]) == ("online", "brats-study", "my-lab")
+    assert not logger._offline  # Lightning's offline=True would set WANDB_MODE=dryrun
+
+    init = _wandb_logger(monkeypatch, tmp_path, {})._wandb_init
+    assert (init["mode"], init["project"], init["entity"]) == ("offline", "diffseg", None)
+    init = _wandb_logger(monkeypatch, tmp_path, {"WANDB_MODE": "online"},
+                         ("logger.wandb.mode=disabled", "logger.wandb.entity=team"))._wandb_init
+    assert (init["mode"], init["entity"]) == ("disabled", "team")
+
+
+def test_wandb_run_honours_wandb_mode_and_project(monkeypatch, tmp_path):
+    """A real W&B run (no network: WANDB_MODE=disabled) started by the logger fit.py builds."""
+    import wandb
+
+    logger = _wandb_logger(monkeypatch, tmp_path, {"WANDB_MODE": "disabled", "WANDB_PROJECT": "brats-study"})
+    try:
+        run = logger.experiment
+        assert run.settings.mode == "disabled" and run.project == "brats-study"
+        assert "WANDB_MODE" not in logger._wandb_init or logger._wandb_init["mode"] == "disabled"
+    finally:
+        wandb.finish()
