@@ -222,13 +222,15 @@ class SegmentationModule(L.LightningModule):
             self.save_case_outputs(case_id, outputs, image)
 
     def _panel(self, image, target, probs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Middle slice (3D: along the last axis) of image channel 0, ground truth, prediction."""
+        """Image channel 0, ground truth, prediction as (rows, columns) to draw. 2D: as loaded, which is the
+        file's orientation (PNG rows are the first axis). 3D: the axial slice (along the last axis) with the
+        most foreground, drawn with the second axis down the rows."""
         img = image[0, 0].float().cpu().numpy()
         gt = target.cpu().numpy()
         pred = probs[0].argmax(0).cpu().numpy()
         if self.spatial_dims == 3:
             z = int(np.argmax((gt > 0).sum(axis=(0, 1)))) if gt.any() else gt.shape[-1] // 2
-            img, gt, pred = img[..., z], gt[..., z], pred[..., z]
+            img, gt, pred = img[..., z].T, gt[..., z].T, pred[..., z].T
         return img, gt.astype(np.uint8), pred.astype(np.uint8)
 
     def save_case_outputs(self, case_id: str, outputs: Mapping[str, torch.Tensor], image) -> None:

@@ -18,11 +18,11 @@ SHAPES2D = {"spatial_dims": 2, "in_channels": 3, "num_classes": 2, "class_names"
             "regions": {"foreground": [1]}}
 BRATS = {"spatial_dims": 3, "in_channels": 4, "num_classes": 4, "class_names": ["wt", "tc", "et"],
          "regions": {"wt": [1, 2, 3], "tc": [1, 3], "et": [3]}}
-MODELS = {  # one experiment per LightningModule
-    "unet_folder2d": ("data=shapes2d", SHAPES2D),
-    "imgx_brats": ("data=brats_synthetic", BRATS),
-    "segdiff_folder2d": ("data=shapes2d", SHAPES2D),
-    "segrefiner_folder2d": ("data=shapes2d", SHAPES2D),
+MODELS = {  # one experiment per LightningModule (few sampling steps: the test predicts one window)
+    "unet_folder2d": (["data=shapes2d"], SHAPES2D),
+    "imgx_brats": (["data=brats_synthetic"], BRATS),
+    "segdiff_folder2d": (["data=shapes2d", "model.sampling.steps=3"], SHAPES2D),
+    "segrefiner_folder2d": (["data=shapes2d", "model.num_steps=3"], SHAPES2D),
 }
 
 
@@ -39,7 +39,7 @@ def test_every_model_loads_from_its_checkpoint_the_lightning_way(name, tmp_path)
     """``Model.load_from_checkpoint(ckpt)`` with nothing else rebuilds the model that wrote it: the same
     class, hyper-parameters and weights, and the same prediction of a window for the same noise."""
     data, info = MODELS[name]
-    cfg = compose_fit([f"experiment={name}", data, "scale=tiny", "logger=none"], tmp_path, info)
+    cfg = compose_fit([f"experiment={name}", *data, "scale=tiny", "logger=none"], tmp_path, info)
     L.seed_everything(0)
     model = build_model(cfg)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
@@ -104,3 +104,44 @@ def test_wandb_run_honours_wandb_mode_and_project(monkeypatch, tmp_path):
         assert "WANDB_MODE" not in logger._wandb_init or logger._wandb_init["mode"] == "disabled"
     finally:
         wandb.finish()
+
+
+def test_2d_panels_are_drawn_in_the_files_orientation(tmp_path, monkeypatch):
+    """An asymmetric, non-square PNG (an L-shaped object in the top-right corner) loaded by the data
+    pipeline and drawn by the panel writer appears as the file does: image, truth and prediction equal the
+    file's pixel rows and columns (imshow draws row 0 at the top), not mirrored on the diagonal."""
+    import matplotlib.axes
+    import numpy as np
+    from monai import transforms as mt
+    from PIL import Image
+
+    from diffseg.data.labels import binary_label_map
+    from diffseg.data.transforms import deterministic_transforms
+    from diffseg.models.base import SegmentationModule
+    from diffseg.utils.outputs import save_panel_grid
+
+    mask = np.zeros((24, 40), np.uint8)
+    mask[2:6, 25:38] = 255   # the L's bar, along the top edge
+    mask[2:14, 34:38] = 255  # its leg, down the right side
+    gray = np.where(mask > 0, 200, 30).astype(np.uint8)
+    gray[20:, :5] = 120      # a mark in the bottom-left corner
+    Image.fromarray(gray).save(tmp_path / "image.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    load = mt.Compose(deterministic_transforms(spatial_dims=2, label_map=binary_label_map(), patch_size=(16, 16)))
+    case = load({"image": str(tmp_path / "image.png"), "label": str(tmp_path / "mask.png")})
+    image, label = case["image"][None], case["label"][0].long()
+    probs = torch.nn.functional.one_hot(label, 2).movedim(-1, 0)[None].float()  # a perfect prediction
+
+    model = SegmentationModule.__new__(SegmentationModule)  # _panel reads spatial_dims only
+    model.spatial_dims = 2
+    drawn = []
+    imshow = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda ax, arr, **kw: drawn.append((np.asarray(arr), kw.get("origin"))) or imshow(ax, arr, **kw))
+    save_panel_grid(tmp_path / "panels.png", [(0, "case", *SegmentationModule._panel(model, image, label, probs))])
+    (img, _), (gt, _), (pred, _) = drawn
+    assert all(origin in (None, "upper") for _, origin in drawn)
+    assert img.shape == gt.shape == pred.shape == gray.shape
+    np.testing.assert_array_equal(gt, mask > 0)
+    np.testing.assert_array_equal(pred, mask > 0)
+    assert np.corrcoef(img.ravel(), gray.ravel().astype(float))[0, 1] > 0.99
