@@ -145,3 +145,26 @@ def test_2d_panels_are_drawn_in_the_files_orientation(tmp_path, monkeypatch):
     np.testing.assert_array_equal(gt, mask > 0)
     np.testing.assert_array_equal(pred, mask > 0)
     assert np.corrcoef(img.ravel(), gray.ravel().astype(float))[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("command,config", [("diffseg-fit", "fit"), ("diffseg-evaluate", "evaluate")])
+def test_console_entry_points_resolve_and_find_their_configs(command, config, tmp_path):
+    """The installed console commands (pyproject [project.scripts]) load, and run from any folder: Hydra
+    finds the configs (--help lists the config groups and the composed root config)."""
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    from diffseg.drivers import entry_points as entry_module
+
+    (ep,) = [ep for ep in entry_points(group="console_scripts") if ep.name == command]
+    assert ep.load() is getattr(entry_module, config)
+    script = Path(sys.executable).parent / command
+    assert script.is_file(), f"{script}: not installed (pip install -e .)"
+    proc = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HYDRA_FULL_ERROR="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{config} is powered by Hydra" in proc.stdout
+    assert "trainer: cpu, ddp, ddp_cpu, gpu" in proc.stdout and f"task_name: {config}" in proc.stdout
+    assert not list(tmp_path.iterdir())  # --help writes no run folder
