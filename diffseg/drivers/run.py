@@ -203,9 +203,11 @@ def write_run_files(cfg: DictConfig, dm: SegDataModule, out_dir: Path, loggers: 
     Trainer is built)."""
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     dm.write_splits(out_dir)
+    from lightning.pytorch.loggers import WandbLogger
+
     for logger in loggers:
-        if "wandb" in type(logger).__name__.lower():
-            atomic_write_text(out_dir / WANDB_ID_FILE, str(logger.version))
+        if isinstance(logger, WandbLogger):
+            atomic_write_text(out_dir / WANDB_ID_FILE, str(logger.version))  # the id, without starting the run
 
 
 def fit(cfg: DictConfig) -> dict[str, float]:

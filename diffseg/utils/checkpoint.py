@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-HPARAMS_KEY = "hyper_parameters"  # LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
-RUN_CONFIG_KEY = "run_config"
+HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY  # "hyper_parameters"
+RUN_CONFIG_KEY = "run_config"  # the SegmentationModule argument that holds the resolved run config
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
