@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
 from monai.data.utils import pickle_hashing
 from torch.utils.data import DataLoader as TorchDataLoader
-from torch.utils.data import Sampler
 
 from diffseg.data.errors import DataError
 from diffseg.data.formats.base import Case, Source
@@ -101,19 +101,6 @@ def load_or_make_splits(
         "val": sorted(shuffled[n_train:n_train + n_val]),
         "test": sorted(shuffled[n_train + n_val:]),
     }
-
-
-class ShardSampler(Sampler[int]):
-    """Evaluation sampler: rank r takes items r, r+W, r+2W, ... No padding, no duplicates."""
-
-    def __init__(self, length: int, rank: int, world_size: int):
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 class RepeatDataset(torch.utils.data.Dataset):
@@ -408,10 +395,16 @@ class SegDataModule(L.LightningDataModule):
             raise DataError(f"the {name} split is empty: add cases or change data.split_fractions / splits.json")
         rank, world = self._dist()
         ds = self.datasets[name]
+        if len(ds) < world:
+            raise DataError(f"the {name} split has {len(ds)} case(s), fewer than the {world} processes: every "
+                            "process needs a case; add cases or change data.split_fractions / splits.json")
+        # Lightning's unpadded sampler: rank r takes cases r, r+W, r+2W, ... (no padding, no duplicate),
+        # so every case is scored exactly once (trainer.use_distributed_sampler=false keeps it)
+        sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
         # eval transforms are deterministic (coarse masks are seeded per case): torch's loader, which leaves
         # the global RNG alone when Lightning builds it mid-training (MONAI's would re-seed it)
-        return TorchDataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds), rank, world),
-                               collate_fn=list_data_collate, **self.loader_settings())
+        return TorchDataLoader(ds, batch_size=1, sampler=sampler, collate_fn=list_data_collate,
+                               **self.loader_settings())
 
     def val_dataloader(self) -> TorchDataLoader:
         return self._eval_loader("val")

@@ -33,7 +33,7 @@ from torch.optim.swa_utils import AveragedModel
 from diffseg.diffusion.gaussian import PREDICTIONS, SAMPLERS, GaussianDiffusion
 from diffseg.diffusion.schedules import beta_schedule
 from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples
-from diffseg.models.base import FINAL, SegmentationModule
+from diffseg.models.base import FINAL, SegmentationModule, from_config
 from diffseg.utils.outputs import save_prediction_file
 
 STD = "std"
@@ -132,9 +132,9 @@ class SegDiff(SegmentationModule):
         prediction: str = "epsilon",
         **kwargs,
     ):
-        super().__init__(net=net, **kwargs)
+        super().__init__(net=from_config(net), **kwargs)
         self.mask_channels = 1 if self.num_classes == 2 else self.num_classes
-        net_mask = getattr(net, "mask_channels", self.mask_channels)
+        net_mask = getattr(self._raw_net, "mask_channels", self.mask_channels)
         if net_mask != self.mask_channels:
             raise ValueError(
                 f"model.net.mask_channels: expected {self.mask_channels} for num_classes={self.num_classes} "

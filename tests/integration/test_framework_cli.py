@@ -59,6 +59,26 @@ def test_evaluate_reproduces_fit_metrics(unet_run, tmp_path, cache_dir):
     assert all(abs(a[k] - b[k]) < 1e-6 for k in a)
 
 
+def test_best_checkpoint_loads_the_lightning_way_and_gives_the_run_metrics(unet_run, tmp_path, cache_dir):
+    """``UNetSegmenter.load_from_checkpoint(best.ckpt)``, the data rebuilt from the run config stored in its
+    hyper-parameters and a plain Lightning Trainer reproduce the run's test metrics (metrics.json)."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from diffseg.drivers.run import build_datamodule
+    from diffseg.models.baseline import UNetSegmenter
+
+    out, _ = unet_run
+    model = UNetSegmenter.load_from_checkpoint(out / "checkpoints" / "best.ckpt", output_dir=str(tmp_path))
+    dm = build_datamodule(OmegaConf.create(model.hparams.run_config))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer.test(model, datamodule=dm, verbose=False)
+    expected = read_metrics(out)
+    assert model.test_results.keys() == expected.keys()
+    assert all(abs(model.test_results[k] - expected[k]) < 1e-6 for k in expected), \
+        {k: (model.test_results[k], expected[k]) for k in expected}
+
+
 def test_ddp_cpu_scores_each_case_once_and_matches_single_process(tmp_path, cache_dir):
     ddp = tmp_path / "ddp"
     run_script("fit.py", *TINY_BRATS, "trainer=ddp_cpu", "trainer.max_steps=24", "logger=csv",
