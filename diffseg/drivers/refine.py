@@ -33,7 +33,7 @@ from diffseg.utils.outputs import save_prediction_file, write_json
 log = logging.getLogger("diffseg")
 
 #: table columns: (metric key, header)
-COLUMNS = (("iou_pooled", "IoU (pooled)"), ("iou", "IoU (mean)"), ("mba", "mBA"), ("boundary_f", "boundary F"))
+COLUMNS = (("iou_pooled", "IoU (pooled)"), ("iou", "IoU (mean)"), ("mba", "mBA"), ("fbound", "FBound"))
 MATCH = ("both", "coarse")
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from diffseg.diffusion.discrete import BinaryRefinementDiffusion
 from diffseg.inference.global_local import RefineSettings, global_local_refine
-from diffseg.models.base import FINAL, SegmentationModule
+from diffseg.models.base import FINAL, SegmentationModule, from_config
 from diffseg.utils.errors import ConfigError
 
 # Sobel kernel of the reference's texture loss, divided by 4 (docs/methods.md §3): a unit step gives a total
@@ -83,7 +83,8 @@ class SegRefiner(SegmentationModule):
         if kwargs.get("num_classes") != 2 or kwargs.get("spatial_dims") != 2:
             raise ConfigError(f"SegRefiner refines 2D binary masks: expected data.num_classes=2 and "
                               f"data.spatial_dims=2, got {kwargs.get('num_classes')} and {kwargs.get('spatial_dims')}")
-        layout = {k: getattr(net, k, None) for k in ("in_channels", "out_channels", "time_embedding", "num_time_steps")}
+        network = from_config(net)  # `net` itself stays the config: it is a hyper-parameter
+        layout = {k: getattr(network, k, None) for k in ("in_channels", "out_channels", "time_embedding", "num_time_steps")}
         expected = {"out_channels": 1, "time_embedding": "learned", "num_time_steps": int(num_steps)}
         wrong = [f"model.net.{k}={layout[k]!r} (expected {v!r})" for k, v in expected.items() if layout[k] != v]
         if not isinstance(layout["in_channels"], int) or layout["in_channels"] < 2:
@@ -95,7 +96,7 @@ class SegRefiner(SegmentationModule):
             settings = RefineSettings.from_mapping(refine)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        super().__init__(net=net, **kwargs)
+        super().__init__(net=network, **kwargs)
         self.image_channels = layout["in_channels"] - 1
         self.diffusion = BinaryRefinementDiffusion(int(num_steps), float(beta_start))
         self.texture_weight, self.texture_pool = float(texture_weight), int(texture_pool)

@@ -72,7 +72,7 @@ def heldout(tmp_path_factory):
 
 def test_fit_refined_beats_coarse(segrefiner_run):
     metrics = json.loads((segrefiner_run / "metrics.json").read_text())
-    for key in ("iou", "iou_pooled", "mba", "boundary_f"):
+    for key in ("iou", "iou_pooled", "mba", "fbound"):
         assert f"test/{key}" in metrics and f"test/coarse_{key}" in metrics
     assert not any(k.startswith("test/global_") for k in metrics)  # images = training size: plain refinement
     # online coarse masks as the reference makes them: perturbed until the IoU drops below 0.8, no lower bound
