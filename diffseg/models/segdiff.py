@@ -153,7 +153,6 @@ class SegDiff(SegmentationModule):
             self.ema = AveragedModel(self._raw_net, multi_avg_fn=ramped_ema_update(float(ema_decay)),
                                      use_buffers=True)
             self.ema.requires_grad_(False)
-        self._ema_step = 0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -218,11 +217,14 @@ class SegDiff(SegmentationModule):
         noise = torch.randn_like(x0)
         return self.diffusion_loss(x0, image, t, noise), {}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        # one EMA update per optimiser step (also under gradient accumulation)
-        if self.ema is not None and self.trainer.global_step > self._ema_step:
+    def optimizer_step(self, *args, **kwargs):
+        """The optimiser step, then one EMA update (once per step, also under gradient accumulation). Done
+        here rather than in ``on_train_batch_end``: Lightning runs the callbacks' batch-end hooks (the
+        checkpoint writers) before the module's, so a checkpoint would miss the EMA update of its own step
+        and a run resumed from it would end one update behind the uninterrupted run."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
             self.ema.update_parameters(self._raw_net)
-            self._ema_step = self.trainer.global_step
 
     # ------------------------------------------------------------------ prediction
     def predict_window(self, image, batch=None):
