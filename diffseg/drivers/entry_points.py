@@ -93,7 +93,7 @@ def _refine(cfg: DictConfig) -> None:
 
 def refine() -> None:
     """Refine another model's masks with a SegRefiner checkpoint: diffseg-refine ckpt=... images=DIR
-    coarse=DIR out=DIR [masks=DIR] [steps=K] [local=true]"""
+    coarse=DIR out=DIR [masks=DIR] [steps=K] [local=false]"""
     _check_config_dir()
     _refine()
 
