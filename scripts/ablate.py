@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffseg.drivers.cli import run_cli  # noqa: E402
+from diffseg.drivers.entry_points import ablate  # noqa: E402 - also the console command diffseg-ablate
 
 if __name__ == "__main__":
-    from diffseg.drivers.ablate import ablate
-
-    run_cli(ablate, sys.argv[1:])
+    ablate()

@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffseg.drivers.cli import run_cli  # noqa: E402
+from diffseg.drivers.entry_points import compare  # noqa: E402 - also the console command diffseg-compare
 
 if __name__ == "__main__":
-    from diffseg.drivers.compare import compare
-
-    run_cli(compare, sys.argv[1:])
+    compare()

@@ -29,7 +29,7 @@ from diffseg.utils.outputs import atomic_write_text, markdown_table
 
 OWN = {"experiments": None, "out": None, "jobs": 1, "launcher": "joblib", "metric": None, "seeds": 3, "reference": None}
 #: quality columns, in this order, where every compared run has them
-QUALITY = ("dice", "iou", "hd95", "nsd", "mba", "boundary_f", "ece")
+QUALITY = ("dice", "iou", "hd95", "nsd", "mba", "fbound", "wcov", "ece")
 
 
 def parse_entries(value) -> list[tuple[str, str | None]]:

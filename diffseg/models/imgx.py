@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from diffseg.diffusion.gaussian import SAMPLERS, VARIANCES, GaussianDiffusion
 from diffseg.diffusion.schedules import BETA_SCHEDULES, beta_schedule, evenly_spaced_indices
 from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples
-from diffseg.models.base import FINAL, SegmentationModule
+from diffseg.models.base import FINAL, SegmentationModule, from_config
 from diffseg.models.losses import LOSSES, segmentation_loss
 from diffseg.nets.slicewise import SliceWise
 from diffseg.utils.errors import ConfigError
@@ -129,16 +129,17 @@ class ImgXDiffSeg(SegmentationModule):
         **kwargs,
     ):
         spatial_dims = int(kwargs.get("spatial_dims", 3))
-        net_dims = getattr(net, "spatial_dims", spatial_dims)
+        network = from_config(net)  # `net` itself stays the config: it is a hyper-parameter
+        net_dims = getattr(network, "spatial_dims", spatial_dims)
         if net_dims == 2 and spatial_dims == 3:
             roi = list(kwargs.get("roi_size", []))
             if not roi or int(roi[-1]) != 1:
                 raise ConfigError(f"a 2D denoiser on 3D data runs slice by slice and needs 2D patches: set "
                                   f"data.patch_size=[P, P, 1] (got {roi})")
-            net = SliceWise(net)
+            network = SliceWise(network)
         elif net_dims != spatial_dims:
             raise ConfigError(f"model.net.spatial_dims={net_dims} does not fit {spatial_dims}D data")
-        super().__init__(net=net, **kwargs)
+        super().__init__(net=network, **kwargs)
         self.settings = _settings(DiffusionSettings, diffusion, "model.diffusion")
         s = self.settings
         _choice(s.prediction, ("x0", "epsilon"), "model.diffusion.prediction")
