@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 from diffseg.utils.errors import ConfigError
 from diffseg.drivers.jobs import (REPO, Job, check_overrides_compose, group_choice, read_json, run_jobs,
                                 split_launcher_overrides, split_overrides)
-from diffseg.drivers.statistics import (SUFFIXES, format_cell, format_difference, metric_columns,
-                                       read_case_values, verdict)
+from diffseg.drivers.statistics import (SUFFIXES, format_cell, format_difference, has_case_values, metric_columns,
+                                       pooled_columns, read_case_values, verdict)
 from diffseg.utils.outputs import atomic_write_text, markdown_table, write_json
 
 GRIDS = REPO / "ablation_grids"
@@ -153,6 +153,12 @@ class Ablation:
         runs, output, column = self.case_source(variant, metric)
         return [read_case_values(r, column, output) for r in runs if (r / "test_cases.csv").is_file()]
 
+    def is_pooled(self, metric: str) -> bool:
+        """A metric without per-case values (ece, iou_pooled) in the reference's first finished run."""
+        runs, _, column = self.case_source(self.grid["reference"], metric)
+        finished = [r for r in runs if (r / "test_cases.csv").is_file()]
+        return bool(finished) and not has_case_values(finished[0], column)
+
     def summarise(self) -> str:
         """OUT/ablation.csv (per variant and metric: mean over cases, bootstrap CI, sd over seeds, paired
         difference to the reference with its CI and Wilcoxon p; diffseg.drivers.statistics), OUT/ablation.md
@@ -166,14 +172,17 @@ class Ablation:
             writer.writeheader()
             writer.writerows(per_seed)
         judged = metrics[0]
-        reference = {m: self.per_seed_cases(ref, m) for m in metrics}
+        pooled = {m for m in metrics if self.is_pooled(m)}
+        reference = {m: self.per_seed_cases(ref, m) for m in metrics if m not in pooled}
         rows, table = [], []
         for name, v in self.grid["variants"].items():
             row: dict[str, Any] = {"variant": name}
-            cases = {m: self.per_seed_cases(name, m) for m in metrics}
-            row["seeds_finished"] = len(cases[judged])
+            row["seeds_finished"] = sum((r / "metrics.json").is_file() for r in self.case_source(name, judged)[0])
             for m in metrics:
-                row.update(metric_columns(m, cases[m], None if name == ref else reference[m]))
+                if m in pooled:
+                    row.update(pooled_columns(m, [self.value(name, s, m) for s in self.seeds]))
+                else:
+                    row.update(metric_columns(m, self.per_seed_cases(name, m), None if name == ref else reference[m]))
             row["expected"] = v.get("expect") or ("reference" if name == ref else "")
             row["verdict"] = "" if name == ref else verdict(
                 v.get("expect"), row.get(f"{judged}_diff_ci_low", math.nan), row.get(f"{judged}_diff_ci_high", math.nan), tol)

@@ -57,16 +57,15 @@ def test_ablate_writes_the_table_and_does_not_rerun_finished_cells(tmp_path, cac
 
 def test_ablate_two_cell_grid_through_submitit_local(tmp_path, cache_dir):
     """The grid goes through Hydra's submitit launcher (the SLURM launcher's code path, run on this machine)."""
-    out = tmp_path / "imgx"
-    proc = run_script("ablate.py", "ablation=imgx", "variants=[epsilon]", "seeds=1", "launcher=submitit_local",
+    out = tmp_path / "segrefiner"
+    proc = run_script("ablate.py", "ablation=segrefiner", "variants=[steps_3]", "seeds=1", "launcher=submitit_local",
                       "hydra.launcher.timeout_min=20", f"out={out}", *SHORT, cache=cache_dir)
     assert proc.stdout.count("[ok  ]") == 2
-    assert list((out / ".submitit").glob("*/*_submitted.pkl")), "no submitit job"
-    for variant in ("baseline", "epsilon"):
-        assert read_metrics(out / variant / "seed0")["test/num_cases"] == 5
-    prediction = yaml.safe_load((out / "epsilon" / "seed0" / "config.yaml").read_text())["model"]["diffusion"]["prediction"]
-    assert prediction == "epsilon"
-    assert "| epsilon | 1 |" in (out / "ablation.md").read_text()
+    assert len(list((out / ".submitit").glob("*/*_submitted.pkl"))) == 2  # one submitit job per cell
+    for variant in ("baseline", "steps_3"):
+        assert "test/iou" in read_metrics(out / variant / "seed0")
+    assert "+ablation=segrefiner_steps3" in (out / "steps_3" / "seed0" / ".hydra" / "overrides.yaml").read_text()
+    assert "| steps_3 | 1 |" in (out / "ablation.md").read_text()
 
 
 def test_ablate_grids_and_errors(tmp_path, cache_dir):

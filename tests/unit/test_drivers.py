@@ -218,7 +218,8 @@ def test_leaderboard_csv_cis_and_p_values_are_scipys_on_the_runs_cases(tmp_path)
     for (name, seed), values in dice.items():
         run = tmp_path / name / f"seed{seed}"
         _write_cases(run, {"dice": values, "dice/wt": _cases(0.8), "hd95": _cases(5.0, 1.0)})
-        (run / "metrics.json").write_text(json.dumps({"test/dice": 0.0, "test/dice/wt": 0.0, "test/hd95": 0.0}))
+        (run / "metrics.json").write_text(json.dumps({"test/dice": 0.0, "test/dice/wt": 0.0, "test/hd95": 0.0,
+                                                      "test/ece": 0.1 * (seed + 1)}))  # ece: pooled, no per-case value
         (run / "run_info.json").write_text(json.dumps({"parameters": 10, "train_seconds": 2.0 + seed,
                                                        "test_seconds_per_case": 0.5, "peak_memory_mb": 100}))
         (run / "config.yaml").write_text("budget_name: family_3d\ntrainer: {max_steps: 96}\ndata: {batch_size: 2}\n"
@@ -233,6 +234,9 @@ def test_leaderboard_csv_cis_and_p_values_are_scipys_on_the_runs_cases(tmp_path)
         assert rows[name]["budget"] == "family_3d" and rows[name]["updates"] == "96" and rows[name]["batch"] == "2"
         assert float(rows[name]["lr"]) == 0.003 and float(rows[name]["train_seconds"]) == 3.0  # mean over seeds
     assert rows["unet_brats"]["dice_p"] == ""  # the reference row has no paired columns
+    # a pooled metric: mean and sd over seeds of metrics.json, no CI over cases
+    assert float(rows["imgx_brats"]["ece"]) == pytest.approx(0.2) and float(rows["imgx_brats"]["ece_sd_seeds"]) == \
+        pytest.approx(0.1) and rows["imgx_brats"]["ece_ci_low"] in ("", "nan")
     assert list(rows) == ["imgx_brats", "unet_brats"]  # sorted by dice
 
 
