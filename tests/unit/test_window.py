@@ -18,7 +18,7 @@ from diffseg.models.imgx import ImgXDiffSeg
 from diffseg.nets.unet import TimeUNet
 
 C, IN, ROI = 3, 2, (16, 16, 16)
-VOLUME = (40, 36, 44)  # several windows along every axis, not a multiple of the window
+VOLUME = (32, 28, 40)  # 3 x 3 x 4 windows at overlap 0.5; 28 is not on the window grid
 
 
 @pytest.fixture(autouse=True, scope="module")
