@@ -5,7 +5,10 @@ turned into class probabilities). Everything else lives here once:
 - validation/test run whole images/volumes through ``inference.window.sliding_window_predict``,
   with a generator seeded per case (diffusion models are reproducible);
 - every named output of the predictor is scored (``score_case``); the ``final`` output gives the
-  reported metrics, others are logged under their prefix (``step/3/dice``, ``samples/4/iou``, ...);
+  reported metrics, others are logged under their prefix (``step/3/dice``, ``samples/4/iou``, ...).
+  Validation predicts and stitches the final output only (``curves`` is False: model selection needs
+  nothing else, and a full-volume prediction then costs its sampling steps); test and evaluate sweeps
+  compute the per-step / per-sample-count curves too;
 - per-case records are gathered over DDP ranks and de-duplicated by case id, so a ``ddp`` run
   reports exactly what a single-process run reports.
 """
@@ -60,6 +63,9 @@ class SegmentationModule(L.LightningModule):
 
     #: prefix under which each named predictor output is logged; FINAL is the reported one
     output_prefixes: Mapping[str, str] = {FINAL: ""}
+    #: whether ``predict_window`` returns the outputs besides FINAL (curves over steps / sample counts):
+    #: False during validation (set by ``_evaluate``), True at test and for direct calls
+    curves: bool = True
 
     def __init__(
         self,
@@ -122,6 +128,11 @@ class SegmentationModule(L.LightningModule):
         """Class probabilities (B, C, *S) for a window, as ``{FINAL: probs, other outputs...}``."""
         raise NotImplementedError
 
+    @property
+    def evaluated_outputs(self) -> Mapping[str, str]:
+        """The outputs ``predict_window`` returns now: all of ``output_prefixes``, or FINAL alone (validation)."""
+        return self.output_prefixes if self.curves else {FINAL: ""}
+
     def case_generator(self) -> torch.Generator:
         """The generator of the case being predicted (seeded from the case id)."""
         if self._case_generator is None:
@@ -177,6 +188,7 @@ class SegmentationModule(L.LightningModule):
         """Whole image/volume -> dict of stitched outputs (1, C, *S). Noise seeded per case."""
         self.seed_case(case_id, image.device)
         fn = partial(self.predict_window, batch=batch)
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image  # no metadata copy in every op
         return sliding_window_predict(fn, image, self.roi_size, overlap=self.overlap,
                                       sw_batch_size=self.sw_batch_size, progress=self.window_progress)
 
@@ -201,13 +213,18 @@ class SegmentationModule(L.LightningModule):
             raise ValueError("evaluation runs one whole image/volume per batch (batch_size=1)")
         case_id = str(batch["case_id"][0])
         start = time.perf_counter()
-        outputs = self.predict_case(image, case_id, batch)
+        curves, self.curves = self.curves, stage == "test"
+        try:
+            outputs = self.predict_case(image, case_id, batch)
+            evaluated = dict(self.evaluated_outputs)
+        finally:
+            self.curves = curves
         if image.device.type == "cuda":
             torch.cuda.synchronize(image.device)  # once per case, for the timing (not in the sampling loop)
         self._seconds[stage].append((case_id, time.perf_counter() - start))
         spacing = self._spacing(image)
         target = label[0, 0].long()
-        for name, prefix in self.output_prefixes.items():
+        for name in evaluated:
             if name not in outputs:
                 continue
             surface = self.surface_metrics == "all" or (self.surface_metrics == "final" and name == FINAL)

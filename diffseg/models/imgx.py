@@ -213,9 +213,16 @@ class ImgXDiffSeg(SegmentationModule):
         return {name: "" if name == FINAL else f"{name}/" for name in names}
 
     # ------------------------------------------------------------------ network
-    def denoise(self, image: torch.Tensor, x_t: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
-        """Network output in prediction space: x̂0 = 2·softmax(logits) - 1, or ε̂ (float32)."""
-        out = self.net(torch.cat([image, x_t.to(image.dtype)], dim=1), t_model).float()
+    def denoise(self, image: torch.Tensor, x_t: torch.Tensor, t_model: torch.Tensor,
+                fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """Network output in prediction space: x̂0 = 2·softmax(logits) - 1, or ε̂ (float32).
+
+        ``fixed``: the image's share of the network's first convolution (``net.conv_in_fixed(image)``), the
+        same at every sampling step: computed once per window, so a step costs one UNet of the image's size."""
+        if fixed is None:
+            out = self.net(torch.cat([image, x_t.to(image.dtype)], dim=1), t_model).float()
+        else:
+            out = self.net(x_t.to(image.dtype), t_model, fixed=fixed).float()
         return 2.0 * torch.softmax(out, dim=1) - 1.0 if self.settings.prediction == "x0" else out
 
     def recycle_step(self, t: torch.Tensor) -> torch.Tensor:
@@ -267,14 +274,18 @@ class ImgXDiffSeg(SegmentationModule):
         n, b = s.num_samples, image.shape[0]
         images = repeat_for_samples(image, n)  # N samples of each window as ONE batch
         shape = (n * b, self.num_classes, *image.shape[2:])
+        fixed = self.net.conv_in_fixed(images) if hasattr(self.net, "conv_in_fixed") else None
         _, x0_hats = self.sample_process.sample(
-            lambda x_t, t_model: self.denoise(images, x_t, t_model), shape, sampler=s.sampler,
+            lambda x_t, t_model: self.denoise(images, x_t, t_model, fixed), shape, sampler=s.sampler,
             eta=float(s.eta), generator=self.sample_generators(n, image.device), device=image.device,
             dtype=torch.float32)
-        outputs = {f"step/{i}": split_samples(probs_from_x0(x0_hats[i - 1]), n).mean(0)
-                   for i in self.recorded_steps[:-1]}
         # running means over samples of the last step; the mean of all N is the prediction
         means = prefix_means(split_samples(probs_from_x0(x0_hats[-1]), n))
+        if not self.curves:  # validation: the prediction alone
+            return {FINAL: means[-1]}
+        outputs = {f"step/{i}": split_samples(probs_from_x0(x0_hats[i - 1]), n).mean(0)
+                   for i in self.recorded_steps[:-1]}
+        # the last step is the prediction: one tensor under both names, stitched once
         outputs[f"step/{len(x0_hats)}"] = outputs[FINAL] = means[-1]
         if n > 1:
             outputs.update({f"samples/{j}": mean for j, mean in enumerate(means, start=1)})

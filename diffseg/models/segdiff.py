@@ -244,6 +244,8 @@ class SegDiff(SegmentationModule):
             device=image.device, dtype=image.dtype)
         probs = split_samples(self.class_probabilities(x0), n)  # (N, B, C, *S)
         means = prefix_means(probs)
+        if not self.curves:  # validation: the prediction alone
+            return {FINAL: means[-1]}
         outputs = {f"samples/{k + 1}": means[k] for k in range(n)}
         outputs[FINAL] = means[-1]
         # per-pixel spread of the samples (population std; 0 for one sample), mean over the classes

@@ -355,6 +355,11 @@ def test_metric_keys_of_every_step_and_sample(trained, tmp_path):
         assert f"test/{prefix}dice/all" in res and f"test/{prefix}dice" in res, prefix
     assert res["test/step/2/dice"] == res["test/dice"] == res["test/samples/2/dice"]
     assert "test/hd95" in res and "test/step/1/hd95" not in res  # surface metrics: final only
+    # validation predicts and scores the final output only, with the same prediction as the test
+    trainer.validate(model, dataloaders=loader, verbose=False)
+    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    assert val and not any(k.startswith(("val/step/", "val/samples/")) for k in val), sorted(val)
+    assert val["val/dice"] == pytest.approx(res["test/dice"]) and model.curves
 
 
 def test_epsilon_prediction_loss_is_segmentation_on_the_derived_x0_plus_mse():
