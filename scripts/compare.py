@@ -1,9 +1,11 @@
 """Compare methods on one split: python scripts/compare.py experiments=[unet_brats,unet_sdn_brats,imgx_brats,segdiff_brats]
-[scale=tiny] [jobs=2] [metric=dice] [out=DIR] [data overrides / any fit.py override]
+[scale=tiny] [seeds=3] [reference=NAME] [jobs=2] [launcher=joblib|submitit_local|submitit_slurm] [metric=dice]
+[out=DIR] [data overrides / any fit.py override]
 
 2D: experiments=[unet_folder2d,unet_sdn_folder2d,segdiff_folder2d,segrefiner_folder2d@unet_folder2d]
 (REFINER@SOURCE: SegRefiner refining SOURCE's test predictions). Trains each model (finished runs in OUT
-are reused), then writes OUT/leaderboard.md, OUT/leaderboard.csv and OUT/quality_vs_cost.png.
+are reused), then writes OUT/leaderboard.md, OUT/leaderboard.csv (statistics over cases and seeds, each row's
+budget; docs/methods.md §6) and OUT/quality_vs_cost.png.
 """
 import sys
 from pathlib import Path

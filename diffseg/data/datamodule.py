@@ -5,6 +5,13 @@ builds the MONAI pipelines, caches the deterministic part and serves:
 - training: random (foreground-weighted) patches, a fixed number of samples per epoch;
 - validation / test: whole images/volumes one at a time, sharded over DDP ranks WITHOUT padding,
   so that every case is scored exactly once.
+
+Memory (``data.cache``): ``memory`` keeps the first ``cache_rate`` of each split's preprocessed cases in
+every process (MONAI CacheDataset: grows with the data set, fine for small 2D sets); ``disk`` writes each
+preprocessed case once under ``cache_dir``, in a folder keyed by the preprocessing (a changed transform
+or setting gets a new folder), and reads it back per item (MONAI PersistentDataset: a process holds only
+the items in flight, whatever the number of cases); ``none`` preprocesses every item. Loader workers:
+``num_workers: auto`` and ``pin_memory: auto`` give workers and pinned memory on GPU, none on CPU.
 """
 from __future__ import annotations
 
@@ -22,15 +29,33 @@ import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
+from monai.data.utils import pickle_hashing
 from torch.utils.data import DataLoader as TorchDataLoader
 
 from diffseg.data.errors import DataError
 from diffseg.data.formats.base import Case, Source
 from diffseg.data.integrity import assert_dataset_ok
-from diffseg.data.transforms import deterministic_transforms, random_transforms
+from diffseg.data.transforms import deterministic_transforms, preprocessing_fingerprint, random_transforms
 
 SPLITS = ("train", "val", "test")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+CACHES = ("memory", "disk", "none")
+MAX_AUTO_WORKERS = 8
+
+
+def record_hash(record: dict) -> bytes:
+    """Disk-cache key of one case: its record (files, case id) and each file's size and modification time,
+    so a rewritten file is preprocessed again."""
+    files = [v for k, v in sorted(record.items()) if k != "case_id"]
+    files = [f for v in files for f in (v if isinstance(v, (list, tuple)) else [v])]
+    stats = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            stats.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:  # unreadable: the loader names the file
+            stats.append((str(f), None, None))
+    return pickle_hashing({"record": record, "stats": stats})
 
 
 def load_or_make_splits(
@@ -118,8 +143,10 @@ class SegDataModule(L.LightningDataModule):
         patch_size: Sequence[int],
         batch_size: int = 2,
         samples_per_epoch: int = 64,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
+        pin_memory: bool | str = "auto",
         cache: str = "memory",
+        cache_rate: float = 1.0,
         cache_dir: str | None = None,
         split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
         split_seed: int = 0,
@@ -141,8 +168,17 @@ class SegDataModule(L.LightningDataModule):
         eval_transforms: Sequence[Callable] = (),
     ):
         super().__init__()
-        if cache not in ("memory", "disk", "none"):
-            raise DataError(f"data.cache: expected memory | disk | none, got {cache!r}")
+        if cache not in CACHES:
+            raise DataError(f"data.cache: expected {' | '.join(CACHES)}, got {cache!r}")
+        if isinstance(cache_rate, bool) or not isinstance(cache_rate, (int, float)) or not 0 < cache_rate <= 1:
+            raise DataError(f"data.cache_rate: expected a fraction in (0, 1], got {cache_rate!r}")
+        if cache_rate != 1 and cache != "memory":
+            raise DataError(f"data.cache_rate={cache_rate} applies to data.cache=memory only (got data.cache={cache})")
+        if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                      or num_workers < 0):
+            raise DataError(f"data.num_workers: expected auto or an integer >= 0, got {num_workers!r}")
+        if pin_memory != "auto" and not isinstance(pin_memory, bool):
+            raise DataError(f"data.pin_memory: expected auto, true or false, got {pin_memory!r}")
         if Path(str(source.root)) != Path(str(root)):
             raise DataError(f"data.source.root={source.root} differs from data.root={root}")
         self.root = Path(str(root))
@@ -151,8 +187,8 @@ class SegDataModule(L.LightningDataModule):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = int(batch_size)
         self.samples_per_epoch = int(samples_per_epoch)
-        self.num_workers = int(num_workers)
-        self.cache = cache
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.cache, self.cache_rate = cache, float(cache_rate)
         self.cache_dir = cache_dir
         self.split_fractions = tuple(split_fractions)
         self.split_seed = int(split_seed)
@@ -260,11 +296,18 @@ class SegDataModule(L.LightningDataModule):
             records.append(rec)
         return records
 
-    def _cached(self, records: list[dict], transform, stage: str):
+    def disk_cache_dir(self, transform: mt.Compose) -> Path:
+        """``cache_dir`` (default ROOT/.cache) / <data folder>_<fingerprint of root and preprocessing>."""
+        root = Path(self.source.root).expanduser().absolute()
+        key = preprocessing_fingerprint(transform.transforms, root=str(root))
+        return Path(self.cache_dir or root / ".cache").expanduser() / f"{root.name}_{key[:16]}"
+
+    def _cached(self, records: list[dict], transform: mt.Compose):
         if self.cache == "memory":
             # one caching thread: MONAI image readers are shared by the transform and not thread-safe
             try:
-                return CacheDataset(records, transform=transform, progress=False, num_workers=1)
+                return CacheDataset(records, transform=transform, cache_rate=self.cache_rate, progress=False,
+                                    num_workers=1)
             except RuntimeError as err:  # MONAI wraps transform errors: surface the DataError itself
                 cause = err
                 while cause is not None and not isinstance(cause, DataError):
@@ -273,9 +316,10 @@ class SegDataModule(L.LightningDataModule):
                     raise cause from None
                 raise
         if self.cache == "disk":
-            key = hashlib.sha1(f"{self.source.root}|{self.patch_size}|{self.target_spacing}|{self.resize}".encode())
-            cache_dir = Path(self.cache_dir or Path(self.source.root) / ".cache") / f"{stage}_{key.hexdigest()[:12]}"
-            return PersistentDataset(records, transform=transform, cache_dir=cache_dir)
+            # metadata kept (the affine gives the spacing) and loaded back with weights_only=True
+            # (transforms.PlainMetad); a file that cannot be loaded is recomputed by MONAI
+            return PersistentDataset(records, transform=transform, cache_dir=self.disk_cache_dir(transform),
+                                     hash_func=record_hash, track_meta=True, weights_only=True)
         return Dataset(records, transform=transform)
 
     def setup(self, stage: str | None = None) -> None:
@@ -296,7 +340,7 @@ class SegDataModule(L.LightningDataModule):
             det = deterministic_transforms(**common)
             if name != "train":
                 det = det + self.extra_eval_transforms
-            ds = self._cached(self._records(splits[name], with_coarse), mt.Compose(det), name)
+            ds = self._cached(self._records(splits[name], with_coarse), mt.Compose(det))
             if name == "train":
                 rnd = random_transforms(spatial_dims=info.spatial_dims, patch_size=self.patch_size,
                                         extra_label_keys=extra, foreground_ratio=self.foreground_ratio,
@@ -312,6 +356,22 @@ class SegDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def loader_settings(self) -> dict[str, Any]:
+        """num_workers, pin_memory, persistent_workers of every loader. ``auto``: on GPU, workers = the
+        CPUs per local rank minus one (at most MAX_AUTO_WORKERS) and pinned memory; on CPU, none (the
+        model uses the cores)."""
+        trainer = getattr(self, "trainer", None)
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        workers = self.num_workers
+        if workers == "auto":
+            workers = 0
+            if on_gpu:
+                cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+                per_rank = cpus // max(1, int(getattr(trainer, "num_devices", 1)))
+                workers = max(1, min(MAX_AUTO_WORKERS, per_rank - 1))
+        pin = on_gpu if self.pin_memory == "auto" else bool(self.pin_memory)
+        return dict(num_workers=int(workers), pin_memory=pin, persistent_workers=int(workers) > 0)
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._dist()
         ds = self.datasets["train"]
@@ -326,9 +386,9 @@ class SegDataModule(L.LightningDataModule):
         # loader's own (run seed + rank): with num_workers=0 MONAI re-seeds the generator it draws from, which
         # would restart torch's global stream (the diffusion noise) if it were the default one.
         generator = torch.Generator().manual_seed((torch.initial_seed() + rank) % 2**63)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=list_data_collate, drop_last=len(ds) >= world * self.batch_size,
-                          persistent_workers=self.num_workers > 0, generator=generator)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=list_data_collate,
+                          drop_last=len(ds) >= world * self.batch_size, generator=generator,
+                          **self.loader_settings())
 
     def _eval_loader(self, name: str) -> TorchDataLoader:
         if name not in self.datasets:
@@ -343,8 +403,8 @@ class SegDataModule(L.LightningDataModule):
         sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
         # eval transforms are deterministic (coarse masks are seeded per case): torch's loader, which leaves
         # the global RNG alone when Lightning builds it mid-training (MONAI's would re-seed it)
-        return TorchDataLoader(ds, batch_size=1, sampler=sampler, num_workers=self.num_workers,
-                               collate_fn=list_data_collate)
+        return TorchDataLoader(ds, batch_size=1, sampler=sampler, collate_fn=list_data_collate,
+                               **self.loader_settings())
 
     def val_dataloader(self) -> TorchDataLoader:
         return self._eval_loader("val")

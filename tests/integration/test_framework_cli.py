@@ -186,21 +186,61 @@ def test_sigterm_saves_progress_and_says_how_to_resume(tmp_path, cache_dir):
     assert 0 < step < 400 and not (out / "metrics.json").exists()
 
 
-def test_msd_and_folder2d_layouts(tmp_path, cache_dir):
+def _surface_brute_force(pred: np.ndarray, true: np.ndarray, spacing, tolerance: float) -> tuple[float, float]:
+    """HD95 and NSD of two boolean volumes by their definitions, with every distance in mm: surfaces are
+    the voxels removed by one erosion (6-connectivity), distances are brute-force Euclidean distances
+    between surface voxel centres scaled by the voxel spacing (scipy's cdist on the original grid)."""
+    from scipy.ndimage import binary_erosion
+    from scipy.spatial.distance import cdist
+
+    def surface(mask):
+        return np.argwhere(mask & ~binary_erosion(mask)) * np.asarray(spacing, float)
+
+    sp, st = surface(pred), surface(true)
+    d = cdist(sp, st)
+    to_true, to_pred = d.min(axis=1), d.min(axis=0)
+    hd95 = max(np.percentile(to_true, 95), np.percentile(to_pred, 95))
+    nsd = ((to_true <= tolerance).sum() + (to_pred <= tolerance).sum()) / (len(sp) + len(st))
+    return float(hd95), float(nsd)
+
+
+def test_msd_anisotropic_spacing_and_folder2d_layouts(tmp_path, cache_dir):
+    """MSD layout with 1 x 1 x 3 mm voxels: HD95 and NSD in test_cases.csv are in mm of the ORIGINAL grid
+    (a brute-force computation on the written prediction and the label file, with the header's spacing)."""
     from diffseg.data.synthetic import write_msd_synthetic, write_shapes2d
 
-    msd = write_msd_synthetic(tmp_path / "msd", num_cases=10, shape=(32, 32, 32), num_modalities=2, num_classes=3)
+    spacing = (1.0, 1.0, 3.0)
+    msd = write_msd_synthetic(tmp_path / "msd", num_cases=10, shape=(32, 32, 32), num_modalities=2, num_classes=3,
+                              spacing=spacing)
+    run = tmp_path / "msd_run"
     run_script("fit.py", "experiment=unet_brats", "data=msd", f"data.root={msd}", "scale=tiny",
-               "trainer.max_steps=16", "logger=csv", f"hydra.run.dir={tmp_path}/msd_run", cache=cache_dir)
-    m = read_metrics(tmp_path / "msd_run")
+               "trainer.max_steps=16", "logger=csv", "save_predictions=true", f"hydra.run.dir={run}", cache=cache_dir)
+    m = read_metrics(run)
     labels = json.loads((Path(msd) / "dataset.json").read_text())["labels"]
-    names = [v for k, v in sorted(labels.items()) if k != "0"]
-    assert all(f"test/dice/{n}" in m for n in names), m.keys()
+    names = {int(k): v for k, v in labels.items() if k != "0"}
+    assert all(f"test/dice/{n}" in m for n in names.values()), m.keys()
+    rows = list(csv.DictReader(open(run / "test_cases.csv")))
+    checked = 0
+    for row in rows:
+        true_img = nib.load(Path(msd) / "labelsTr" / f"{row['case_id']}.nii.gz")
+        pred_img = nib.load(run / "predictions" / f"{row['case_id']}.nii.gz")
+        assert np.allclose(pred_img.affine, true_img.affine)  # the prediction lies on the label's grid
+        assert np.allclose(true_img.header.get_zooms()[:3], spacing)
+        true, pred = np.asarray(true_img.dataobj), np.asarray(pred_img.dataobj)
+        for value, name in names.items():
+            p, t = pred == value, true == value
+            if not (p.any() and t.any()):
+                continue  # the empty-mask conventions are tested in tests/unit/test_metrics_surface.py
+            hd95, nsd = _surface_brute_force(p, t, spacing, tolerance=1.0)
+            assert abs(float(row[f"hd95/{name}"]) - hd95) < 1e-3 * max(1.0, hd95), (row["case_id"], name, hd95)
+            assert abs(float(row[f"nsd/{name}"]) - nsd) < 1e-4, (row["case_id"], name, nsd)
+            checked += 1
+    assert checked >= 2, "no case with both masks non-empty: the spacing check did not run"
     folder = write_shapes2d(tmp_path / "shapes", num_cases=16, size=64)
     run_script("fit.py", "experiment=unet_folder2d", f"data.root={folder}", "scale=tiny", "trainer.max_steps=16",
                "logger=csv", f"hydra.run.dir={tmp_path}/f2d_run", cache=cache_dir)
     m2 = read_metrics(tmp_path / "f2d_run")
-    for key in ("test/dice", "test/iou", "test/iou_pooled", "test/mba", "test/boundary_f", "test/ece"):
+    for key in ("test/dice", "test/iou", "test/iou_pooled", "test/mba", "test/fbound", "test/wcov", "test/ece"):
         assert key in m2, key
 
 

@@ -162,4 +162,4 @@ def test_score_and_aggregate_closed_form():
     agg = aggregate([rec, rec2])
     assert agg["dice"] == pytest.approx((2 / 3 + 1) / 2)
     assert agg["iou_pooled"] == pytest.approx((8 + 16) / (16 + 16))  # sum I / sum U
-    assert agg["num_cases"] == 2 and math.isfinite(agg["ece"]) and "mba" in agg and "boundary_f" in agg
+    assert agg["num_cases"] == 2 and math.isfinite(agg["ece"]) and "mba" in agg and "fbound" in agg and "wcov" in agg
