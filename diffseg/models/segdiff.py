@@ -33,7 +33,7 @@ from torch.optim.swa_utils import AveragedModel
 from diffseg.diffusion.gaussian import PREDICTIONS, SAMPLERS, GaussianDiffusion
 from diffseg.diffusion.schedules import beta_schedule
 from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples
-from diffseg.models.base import FINAL, SegmentationModule
+from diffseg.models.base import FINAL, SegmentationModule, from_config
 from diffseg.utils.outputs import save_prediction_file
 
 STD = "std"
@@ -132,9 +132,9 @@ class SegDiff(SegmentationModule):
         prediction: str = "epsilon",
         **kwargs,
     ):
-        super().__init__(net=net, **kwargs)
+        super().__init__(net=from_config(net), **kwargs)
         self.mask_channels = 1 if self.num_classes == 2 else self.num_classes
-        net_mask = getattr(net, "mask_channels", self.mask_channels)
+        net_mask = getattr(self._raw_net, "mask_channels", self.mask_channels)
         if net_mask != self.mask_channels:
             raise ValueError(
                 f"model.net.mask_channels: expected {self.mask_channels} for num_classes={self.num_classes} "
@@ -153,7 +153,6 @@ class SegDiff(SegmentationModule):
             self.ema = AveragedModel(self._raw_net, multi_avg_fn=ramped_ema_update(float(ema_decay)),
                                      use_buffers=True)
             self.ema.requires_grad_(False)
-        self._ema_step = 0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -218,11 +217,14 @@ class SegDiff(SegmentationModule):
         noise = torch.randn_like(x0)
         return self.diffusion_loss(x0, image, t, noise), {}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        # one EMA update per optimiser step (also under gradient accumulation)
-        if self.ema is not None and self.trainer.global_step > self._ema_step:
+    def optimizer_step(self, *args, **kwargs):
+        """The optimiser step, then one EMA update (once per step, also under gradient accumulation). Done
+        here rather than in ``on_train_batch_end``: Lightning runs the callbacks' batch-end hooks (the
+        checkpoint writers) before the module's, so a checkpoint would miss the EMA update of its own step
+        and a run resumed from it would end one update behind the uninterrupted run."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
             self.ema.update_parameters(self._raw_net)
-            self._ema_step = self.trainer.global_step
 
     # ------------------------------------------------------------------ prediction
     def predict_window(self, image, batch=None):
@@ -242,6 +244,8 @@ class SegDiff(SegmentationModule):
             device=image.device, dtype=image.dtype)
         probs = split_samples(self.class_probabilities(x0), n)  # (N, B, C, *S)
         means = prefix_means(probs)
+        if not self.curves:  # validation: the prediction alone
+            return {FINAL: means[-1]}
         outputs = {f"samples/{k + 1}": means[k] for k in range(n)}
         outputs[FINAL] = means[-1]
         # per-pixel spread of the samples (population std; 0 for one sample), mean over the classes
