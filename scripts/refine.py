@@ -8,19 +8,8 @@ refined IoU (pooled), mBA and boundary F and writes OUT/refine_metrics.json. Opt
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffseg.drivers.cli import run_cli  # noqa: E402
-
-
-@hydra.main(version_base="1.3", config_path="../experiments", config_name="refine")
-def main(cfg: DictConfig) -> None:
-    from diffseg.drivers.refine import refine
-
-    run_cli(refine, cfg)
-
+from diffseg.drivers.entry_points import refine  # noqa: E402 - also the console command diffseg-refine
 
 if __name__ == "__main__":
-    main()
+    refine()

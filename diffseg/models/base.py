@@ -35,12 +35,31 @@ from diffseg.utils.outputs import save_panel_grid, save_prediction_file
 
 FINAL = "final"
 
+
+def from_config(value: Any) -> Any:
+    """A Hydra config (a mapping with ``_target_``: how networks, optimisers and schedules are stored in
+    a model's hyper-parameters) instantiated; an object (a network built by the caller) as it is."""
+    if isinstance(value, Mapping) and "_target_" in value:
+        from hydra.utils import instantiate
+
+        return instantiate(value, _convert_="all")
+    return value
+
 # metrics are gathered over ranks by hand (each case once), so Lightning's sync_dist advice does not apply
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 class SegmentationModule(L.LightningModule):
-    """Base class. Subclasses implement ``training_loss(batch)`` and ``predict_window(image)``."""
+    """Base class. Subclasses implement ``training_loss(batch)`` and ``predict_window(image)``.
+
+    The init arguments are the model's hyper-parameters (``self.hparams``, saved in every checkpoint):
+    ``net``, ``optimizer`` and ``lr_schedule`` are Hydra configs (``{_target_: ...}``) built here, so
+    ``Model.load_from_checkpoint(path)`` rebuilds the trained model from the checkpoint alone.
+    ``run_config`` is the resolved run config (data, trainer, ...) stored with them, from which
+    scripts/evaluate.py rebuilds the data (``diffseg.utils.checkpoint.read_checkpoint``). Subclasses
+    must not rebind their argument names before ``super().__init__`` (Lightning reads them from the
+    frames), e.g. ``network = from_config(net)``.
+    """
 
     #: prefix under which each named predictor output is logged; FINAL is the reported one
     output_prefixes: Mapping[str, str] = {FINAL: ""}
@@ -68,8 +87,13 @@ class SegmentationModule(L.LightningModule):
         seed: int = 0,
         compile: bool = False,
         monitor: str = "dice",
+        run_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        # hparams = the init arguments of this class and its subclass (the model config); not sent to the
+        # loggers, which receive the whole run config from diffseg.drivers.run.fit
+        self.save_hyperparameters(logger=False)
+        net, optimizer, lr_schedule = from_config(net), from_config(optimizer), from_config(lr_schedule)
         if surface_metrics not in ("final", "all", "none"):
             raise ValueError(f"model.surface_metrics: expected final | all | none, got {surface_metrics!r}")
         self.net = torch.compile(net) if compile else net
@@ -215,13 +239,15 @@ class SegmentationModule(L.LightningModule):
             self.save_case_outputs(case_id, outputs, image)
 
     def _panel(self, image, target, probs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Middle slice (3D: along the last axis) of image channel 0, ground truth, prediction."""
+        """Image channel 0, ground truth, prediction as (rows, columns) to draw. 2D: as loaded, which is the
+        file's orientation (PNG rows are the first axis). 3D: the axial slice (along the last axis) with the
+        most foreground, drawn with the second axis down the rows."""
         img = image[0, 0].float().cpu().numpy()
         gt = target.cpu().numpy()
         pred = probs[0].argmax(0).cpu().numpy()
         if self.spatial_dims == 3:
             z = int(np.argmax((gt > 0).sum(axis=(0, 1)))) if gt.any() else gt.shape[-1] // 2
-            img, gt, pred = img[..., z], gt[..., z], pred[..., z]
+            img, gt, pred = img[..., z].T, gt[..., z].T, pred[..., z].T
         return img, gt.astype(np.uint8), pred.astype(np.uint8)
 
     def save_case_outputs(self, case_id: str, outputs: Mapping[str, torch.Tensor], image) -> None:

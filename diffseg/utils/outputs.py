@@ -29,7 +29,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def save_panel_grid(path: str | os.PathLike, panels: Sequence[tuple]) -> Path:
-    """One row per case: image, ground truth, prediction (middle slice for 3D)."""
+    """One row per case: image, ground truth, prediction, each drawn as given (row 0 at the top), so a
+    2D panel looks like its file (diffseg.models.base.SegmentationModule._panel orients 3D slices)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,7 +42,7 @@ def save_panel_grid(path: str | os.PathLike, panels: Sequence[tuple]) -> Path:
     vmax = max(int(max(p[3].max(), p[4].max())) for p in panels) or 1
     for row, (_, case_id, img, gt, pred) in zip(axes, panels):
         for ax, arr, title in zip(row, (img, gt, pred), ("image", "ground truth", "prediction")):
-            ax.imshow(arr.T if arr.ndim == 2 else arr, cmap="gray" if title == "image" else "viridis",
+            ax.imshow(arr, cmap="gray" if title == "image" else "viridis",
                       vmin=None if title == "image" else 0, vmax=None if title == "image" else vmax)
             ax.set_title(f"{case_id}: {title}" if title == "image" else title, fontsize=8)
             ax.axis("off")
