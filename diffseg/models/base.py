@@ -24,11 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from diffseg.inference.case_writer import CaseWriter
+from diffseg.inference.samples import SPREAD_MAPS
 from diffseg.inference.window import sliding_window_predict
 from diffseg.metrics.scoring import aggregate, score_case
 from diffseg.models.lr_schedules import warmup_cosine
 from diffseg.utils.errors import ConfigError, TrainingDiverged
-from diffseg.utils.outputs import save_panel_grid, save_prediction_file
+from diffseg.utils.outputs import save_panel_grid
 
 FINAL = "final"
 
@@ -171,8 +173,9 @@ class SegmentationModule(L.LightningModule):
         d = self.spatial_dims
         return tuple(float(v) for v in affine[:d, :d].norm(dim=0))
 
-    def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
-        image, label = batch["image"], batch["label"]
+    def timed_predict_case(self, batch) -> tuple[str, dict[str, torch.Tensor], float]:
+        """(case id, outputs of ``predict_case``, seconds) for a batch of one whole image/volume."""
+        image = batch["image"]
         if image.shape[0] != 1:
             raise ValueError("evaluation runs one whole image/volume per batch (batch_size=1)")
         case_id = str(batch["case_id"][0])
@@ -180,7 +183,17 @@ class SegmentationModule(L.LightningModule):
         outputs = self.predict_case(image, case_id, batch)
         if image.device.type == "cuda":
             torch.cuda.synchronize(image.device)  # once per case, for the timing (not in the sampling loop)
-        self._seconds[stage].append((case_id, time.perf_counter() - start))
+        return case_id, outputs, time.perf_counter() - start
+
+    def predict_step(self, batch, batch_idx):
+        """scripts/predict.py: a new case without label; the files are written by its PredictionWriter."""
+        case_id, outputs, seconds = self.timed_predict_case(batch)
+        return {"case_id": case_id, "outputs": outputs, "seconds": seconds}
+
+    def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
+        image, label = batch["image"], batch["label"]
+        case_id, outputs, seconds = self.timed_predict_case(batch)
+        self._seconds[stage].append((case_id, seconds))
         spacing = self._spacing(image)
         target = label[0, 0].long()
         for name, prefix in self.output_prefixes.items():
@@ -193,29 +206,47 @@ class SegmentationModule(L.LightningModule):
             self._records[stage].append(rec)
         global_index = batch_idx * self.trainer.world_size + self.trainer.global_rank
         if global_index < self.num_plot_cases:
-            self._panels[stage].append((global_index, case_id, *self._panel(image, target, outputs[FINAL])))
+            self._panels[stage].append((global_index, case_id, *self.panel(image, target, outputs)))
         if stage == "test" and self.save_predictions and self.output_dir:
             self.save_case_outputs(case_id, outputs, image)
 
-    def _panel(self, image, target, probs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Middle slice (3D: along the last axis) of image channel 0, ground truth, prediction."""
+    def panel(self, image, target, outputs) -> tuple:
+        """Middle slice (3D: along the last axis; the slice with most ground truth, else of the
+        prediction) of image channel 0, ground truth (None for new data), prediction, and the
+        uncertainty maps of sampling models ({"std": ..., "entropy": ...})."""
         img = image[0, 0].float().cpu().numpy()
-        gt = target.cpu().numpy()
-        pred = probs[0].argmax(0).cpu().numpy()
+        pred = outputs[FINAL][0].argmax(0).cpu().numpy().astype(np.uint8)
+        gt = None if target is None else target.cpu().numpy().astype(np.uint8)
+        maps = {k: outputs[k][0, 0].float().cpu().numpy() for k in SPREAD_MAPS if k in outputs}
         if self.spatial_dims == 3:
-            z = int(np.argmax((gt > 0).sum(axis=(0, 1)))) if gt.any() else gt.shape[-1] // 2
-            img, gt, pred = img[..., z], gt[..., z], pred[..., z]
-        return img, gt.astype(np.uint8), pred.astype(np.uint8)
+            ref = gt if gt is not None and gt.any() else pred
+            z = int(np.argmax((ref > 0).sum(axis=(0, 1)))) if ref.any() else ref.shape[-1] // 2
+            img, pred = img[..., z], pred[..., z]
+            gt = None if gt is None else gt[..., z]
+            maps = {k: v[..., z] for k, v in maps.items()}
+        return img, gt, pred, maps
+
+    def case_writer(self, directory: str | Path) -> CaseWriter:
+        """The writer of predicted cases in the input's grid and label values: the inverse of the test
+        pipeline and the label map come from the trainer's datamodule (without one, the outputs are
+        written in the grid they come in, with class indices as values)."""
+        from diffseg.data.labels import LabelMap, binary_label_map
+
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        info = getattr(dm, "info", None)
+        if info is None:
+            label_map = binary_label_map() if self.num_classes == 2 else \
+                LabelMap(list(range(self.num_classes)), [f"class{i}" for i in range(self.num_classes)])
+            return CaseWriter(directory, label_map, self.regions, self.spatial_dims, None)
+        pipeline = getattr(dm.datasets.get("test"), "transform", None)
+        return CaseWriter(directory, info.label_map, self.regions, self.spatial_dims, pipeline)
 
     def save_case_outputs(self, case_id: str, outputs: Mapping[str, torch.Tensor], image) -> None:
-        """Predicted class map as PNG (2D) or NIfTI with the image affine (3D) in DIR/predictions/.
+        """The predicted mask (and the uncertainty maps of sampling models) in DIR/predictions/, in the
+        input's grid and label values (diffseg.inference.case_writer, as scripts/predict.py writes them).
 
         Each case is written by the one rank that scored it (no two ranks write one file)."""
-        pred = outputs[FINAL][0].argmax(0).cpu().numpy().astype(np.uint8)
-        affine = getattr(image, "affine", None)
-        affine = None if affine is None else torch.as_tensor(affine).reshape(-1, 4, 4)[0].numpy() \
-            if self.spatial_dims == 3 else None
-        save_prediction_file(Path(self.output_dir) / "predictions", case_id, pred, self.num_classes, affine)
+        self.case_writer(Path(self.output_dir) / "predictions").write(case_id, outputs, image)
 
     def _gather(self, items: list) -> list:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

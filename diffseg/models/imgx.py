@@ -11,7 +11,8 @@ second pass sees x̂0 noised to t and is the only one back-propagated.
 Sampling (``model.sampling``): ``base.respace(steps)``, so any step count works with one trained
 network (the network is conditioned on the ORIGINAL timestep index). ``num_samples`` samples of a
 window run as ONE batch and are averaged in probability space. Outputs: ``final``, every step's x̂0
-(``step/1`` .. ``step/S``, ``step/S`` == ``final``) and running means over samples (``samples/n``).
+(``step/1`` .. ``step/S``, ``step/S`` == ``final``) and running means over samples (``samples/n``), and the per-voxel ``std`` and ``entropy`` over the samples
+(``inference.samples.spread_maps``).
 
 ε-prediction (the ablation, ``prediction: epsilon``, ``loss: mse``): x̂0 is recovered from ε̂, clipped
 to [-1, 1] (also inside the sampler) and mapped to probabilities by p = (x̂0 + 1)/2 normalised over the
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from diffseg.diffusion.gaussian import SAMPLERS, VARIANCES, GaussianDiffusion
 from diffseg.diffusion.schedules import BETA_SCHEDULES, beta_schedule, evenly_spaced_indices
-from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples
+from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples, spread_maps
 from diffseg.models.base import FINAL, SegmentationModule
 from diffseg.models.losses import LOSSES, segmentation_loss
 from diffseg.nets.slicewise import SliceWise
@@ -235,8 +236,10 @@ class ImgXDiffSeg(SegmentationModule):
         outputs = {f"step/{i}": split_samples(probs_from_x0(x0_hats[i - 1]), n).mean(0)
                    for i in self.recorded_steps[:-1]}
         # running means over samples of the last step; the mean of all N is the prediction
-        means = prefix_means(split_samples(probs_from_x0(x0_hats[-1]), n))
+        samples = split_samples(probs_from_x0(x0_hats[-1]), n)  # (N, B, C, *S)
+        means = prefix_means(samples)
         outputs[f"step/{len(x0_hats)}"] = outputs[FINAL] = means[-1]
         if n > 1:
             outputs.update({f"samples/{j}": mean for j, mean in enumerate(means, start=1)})
+        outputs.update(spread_maps(samples))  # "std" and "entropy" over the samples (written with the mask)
         return outputs
