@@ -137,8 +137,12 @@ def check_new_cases(cases: list[Case], *, spatial_dims: int, in_channels: int, c
         problems += found
         if found:
             continue
-        channels = sum(_channels(p, spatial_dims) for p in case.images)
+        per_file = {p: _channels(p, spatial_dims) for p in case.images}
+        channels = sum(per_file.values())
         if channels != in_channels:
-            problems.append(f"{case.images[0]}: case {case.id} has {channels} image channel(s); the checkpoint "
-                            f"{ckpt} was trained on {in_channels} (data.in_channels)")
+            # one file per channel (BraTS modalities, nnU-Net channel files): name the file that holds more
+            culprit = next((p for p, n in per_file.items() if n != 1), case.images[0]) if len(per_file) > 1 \
+                else case.images[0]
+            problems.append(f"{culprit}: {per_file[culprit]} channel(s), so case {case.id} has {channels} image "
+                            f"channel(s); the checkpoint {ckpt} was trained on {in_channels} (data.in_channels)")
     DataError.raise_if(problems, "new cases cannot be predicted; nothing was written")

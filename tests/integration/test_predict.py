@@ -237,33 +237,45 @@ def test_imgx_std_map_over_4_samples(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- a real checkpoint, the script
-@pytest.fixture(scope="module")
-def unet_ckpt(tmp_path_factory) -> Path:
-    """An (untrained) tiny BraTS UNet checkpoint of the real config: the model and pipeline of
-    experiment=unet_brats scale=tiny (32^3 patches), built without training."""
+def make_checkpoint(out: Path, *overrides: str) -> Path:
+    """A run directory with an (untrained) checkpoint of the real config of ``overrides`` (fit.py's
+    composition; the data description keys given instead of read from files)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     import diffseg.drivers.cli  # noqa: F401 - config resolvers
 
-    out = tmp_path_factory.mktemp("unet_ckpt")
     with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
-        cfg = compose("fit", overrides=["experiment=unet_brats", "data=brats", "data.root=/training/data",
-                                        "scale=tiny", f"paths.output_dir={out}", "data.num_classes=4",
-                                        "data.class_names=[wt,tc,et]", "+data.regions={wt:[1,2,3],tc:[1,3],et:[3]}"])
+        cfg = compose("fit", overrides=[*overrides, "data.root=/training/data", "scale=tiny",
+                                        f"paths.output_dir={out}"])
     torch.manual_seed(0)
     model = instantiate(cfg.model, _convert_="all")
     path = out / "checkpoints" / "best.ckpt"
-    path.parent.mkdir()
+    path.parent.mkdir(parents=True)
     torch.save({"state_dict": model.state_dict(), "diffseg_config": OmegaConf.to_container(cfg, resolve=True)}, path)
     return out
 
 
+@pytest.fixture(scope="module")
+def unet_ckpt(tmp_path_factory) -> Path:
+    """experiment=unet_brats scale=tiny (32^3 patches), untrained: the real model and pipeline."""
+    return make_checkpoint(tmp_path_factory.mktemp("unet_ckpt"), "experiment=unet_brats", "data=brats",
+                           "data.num_classes=4", "data.class_names=[wt,tc,et]",
+                           "+data.regions={wt:[1,2,3],tc:[1,3],et:[3]}")
+
+
+def compose_predict(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
+        return compose("predict", overrides=list(overrides))
+
+
 def test_ddp_cpu_writes_each_case_once_equal_to_single_process(unet_ckpt, tmp_path):
     write_brats_cases(tmp_path / "new", tmp_path / "truth", 3, shape=(40, 36, 30))
-    for name, extra in (("single", []), ("ddp", ["trainer=ddp_cpu"])):
-        run_script("predict.py", f"ckpt={unet_ckpt}", f"input={tmp_path / 'new'}", f"out={tmp_path / name}",
-                   "trainer.enable_progress_bar=false", *extra, timeout=600)
+    args = [f"ckpt={unet_ckpt}", f"input={tmp_path / 'new'}", "trainer.enable_progress_bar=false"]
+    predict(compose_predict(*args, f"out={tmp_path / 'single'}"))  # this process
+    run_script("predict.py", *args, f"out={tmp_path / 'ddp'}", "trainer=ddp_cpu", timeout=600)  # 2 ranks (gloo)
     rows = {name: list(csv.DictReader(open(tmp_path / name / "summary.csv"))) for name in ("single", "ddp")}
     cases = sorted(p.name for p in (tmp_path / "new").iterdir())
     assert sorted(r["case"] for r in rows["ddp"]) == cases  # every case once, none repeated by padding
@@ -299,15 +311,11 @@ def _break(root: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("how", ["missing_modality", "unreadable", "channels", "wrong_layout"])
 def test_bad_input_stops_before_any_case_naming_the_file(unet_ckpt, tmp_path, capsys, how):
-    from hydra import compose, initialize_config_dir
-
     write_brats_cases(tmp_path / "new", tmp_path / "truth", 3, shape=(20, 20, 16))
     named = _break(tmp_path / "new", how)
     out = tmp_path / "out"
-    with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
-        cfg = compose("predict", overrides=[f"ckpt={unet_ckpt}", f"input={tmp_path / 'new'}", f"out={out}"])
     with pytest.raises(SystemExit) as stop:
-        run_cli(predict, cfg)
+        run_cli(predict, compose_predict(f"ckpt={unet_ckpt}", f"input={tmp_path / 'new'}", f"out={out}"))
     message = capsys.readouterr().err
     assert stop.value.code == 2 and message.startswith("error:")
     expected = named.name if how != "missing_modality" else f"{named.parent.name}_t2.nii.gz"
@@ -322,3 +330,27 @@ def test_bad_input_through_the_script(unet_ckpt, tmp_path):
                       check=False)
     assert proc.returncode == 2 and str(path) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+# ---------------------------------------------------------------------------- SegRefiner: coarse folder, cascade
+def test_segrefiner_refines_a_coarse_folder_or_another_models_output(tmp_path):
+    from diffseg.data.synthetic import write_shapes2d
+
+    two_d = ["data.in_channels=3", "data.num_classes=2", "data.class_names=[foreground]",
+             "+data.regions={foreground:[1]}"]
+    unet = make_checkpoint(tmp_path / "unet", "experiment=unet_folder2d", *two_d)
+    refiner = make_checkpoint(tmp_path / "refiner", "experiment=segrefiner_folder2d", *two_d)
+    data = write_shapes2d(tmp_path / "shapes", num_cases=2, size=64)
+    args = [f"input={data / 'images'}", "trainer.enable_progress_bar=false", "+overrides.model.refine.steps=2"]
+    predict(compose_predict(f"ckpt={refiner}", f"coarse={unet}", f"out={tmp_path / 'cascade'}", *args))
+    predict(compose_predict(f"ckpt={unet}", f"out={tmp_path / 'unet_out'}", *args))
+    predict(compose_predict(f"ckpt={refiner}", f"coarse={tmp_path / 'unet_out'}", f"out={tmp_path / 'folder'}", *args))
+    stems = sorted(p.stem for p in (data / "images").iterdir())
+    for stem in stems:
+        coarse = np.asarray(Image.open(tmp_path / "cascade" / "coarse" / f"{stem}.png"))
+        np.testing.assert_array_equal(coarse, np.asarray(Image.open(tmp_path / "unet_out" / f"{stem}.png")))
+        refined = np.asarray(Image.open(tmp_path / "cascade" / f"{stem}.png"))
+        assert refined.shape == (64, 64) and set(np.unique(refined)) <= {0, 255}
+        np.testing.assert_array_equal(refined, np.asarray(Image.open(tmp_path / "folder" / f"{stem}.png")))
+    with pytest.raises(Exception, match="SegRefiner checkpoints refine coarse masks"):
+        predict(compose_predict(f"ckpt={refiner}", f"out={tmp_path / 'none'}", *args))
