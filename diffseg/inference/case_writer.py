@@ -44,7 +44,7 @@ def nested_region_chain(regions: Mapping[str, Sequence[int]], num_classes: int) 
     are nested and each adds exactly one class (BraTS: WT {1,2,3} ⊃ TC {1,3} ⊃ ET {3} adds ED 2, NCR 1,
     ET 3) and the largest holds every foreground class; else None (classes decoded by argmax)."""
     chain = sorted((sorted(set(int(i) for i in v)) for v in regions.values()), key=len, reverse=True)
-    if len(chain) < 2 or chain[0] != list(range(1, num_classes)):
+    if not chain or chain[0] != list(range(1, num_classes)):
         return None
     steps = []
     for big, small in zip(chain, chain[1:] + [[]]):

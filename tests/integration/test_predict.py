@@ -182,6 +182,32 @@ def test_oracle_2d_masks_at_the_input_size(tmp_path, monkeypatch, resize):
             assert (written == expected).mean() > 0.95 and set(np.unique(written)) == {0, 1, 2}
 
 
+class LabelOracle(SegmentationModule):
+    """At test time the batch carries the label in the pipeline's grid: predict exactly it."""
+
+    def predict_case(self, image, case_id, batch=None):
+        return {FINAL: torch.nn.functional.one_hot(batch["label"][0, 0].long(), self.num_classes).movedim(-1, 0)[None].float()}
+
+
+def test_save_predictions_at_test_time_writes_the_input_grid_and_values(tmp_path):
+    """save_predictions=true in fit/evaluate: the same writer, so the test cases' files equal their seg files."""
+    import lightning as L
+
+    from diffseg.data.datamodule import SegDataModule
+    from diffseg.data.formats.brats import BratsSource
+
+    segs = write_brats_cases(tmp_path / "data", tmp_path / "data_truth", 3, shape=(30, 26, 20))
+    for cid, seg in segs.items():
+        seg.rename(tmp_path / "data" / cid / seg.name)
+    dm = SegDataModule(BratsSource(tmp_path / "data"), str(tmp_path / "data"), patch_size=(32, 32, 32))
+    model = LabelOracle(net=torch.nn.Identity(), num_classes=4, spatial_dims=3, regions=BRATS_REGIONS, optimizer=None,
+                        roi_size=(32, 32, 32), save_predictions=True, output_dir=str(tmp_path / "run"))
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(model, datamodule=dm, verbose=False)
+    (cid,) = dm.splits["test"]
+    assert model.test_results["test/dice"] == 1.0
+    assert_same_grid_and_values(tmp_path / "run" / "predictions" / f"{cid}.nii.gz", tmp_path / "data" / cid / f"{cid}_seg.nii.gz")
+
+
 # ---------------------------------------------------------------------------- must-show 5: std over 4 samples
 class HalfCertainNet(torch.nn.Module):
     """ImgX denoiser: logits independent of x_t in the first half of x (every sample agrees there), and
