@@ -3,6 +3,7 @@
     python scripts/benchmark.py imgx [--scale tiny|paper] [--device cpu|cuda] [--bf16] [--compile]
                                      [--repeats N] [--samples N] [--override KEY=VALUE ...]
     python scripts/benchmark.py segdiff [same options; --samples N, default 9; --scale default tiny]
+    python scripts/benchmark.py volume [same options; --size 80 80 80; --scale default tiny]
 
 One subcommand per method: ``add_<method>(subparsers)`` declares it and ``bench_<method>(args)``
 measures it; the timing/memory helpers are shared (diffseg/utils/benchmark.py). Models are built
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from monai.data import MetaTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffseg.utils.benchmark import format_table, measure, model_from_config  # noqa: E402
@@ -139,12 +141,61 @@ def bench_segdiff(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------- volume
+def add_volume(subparsers) -> None:
+    p = subparsers.add_parser(
+        "volume", help="ImgX-DiffSeg vs the same-size UNet: full-volume prediction through the sliding window",
+        description="Seconds per full-volume prediction (model.predict_case: every window, the K-step sampling "
+                    "and the stitching) of ImgX-DiffSeg with one sample and of the UNet of the same size, on a "
+                    "random BraTS-like volume several windows wide. 'val' stitches the final output only (what "
+                    "validation does); 'test' also stitches the per-step outputs (test and evaluate). The ratio "
+                    "to the UNet should stay near K.")
+    common_arguments(p)
+    p.add_argument("--size", type=int, nargs=3, default=[80, 80, 80],
+                   help="volume size (default 80 80 80: 4 x 4 x 4 windows of the tiny 32^3 at overlap 0.5)")
+    p.set_defaults(func=bench_volume)
+
+
+def bench_volume(args) -> list[dict]:
+    device = torch.device(args.device)
+    rows = []
+    for scale in args.scale or ["tiny"]:
+        common = ["data=brats_synthetic", f"scale={scale}", f"model.compile={str(args.compile).lower()}"]
+        imgx, _ = model_from_config(["experiment=imgx_brats", *common, "model.sampling.num_samples=1",
+                                     *args.override], BRATS_INFO)
+        unet, _ = model_from_config(["experiment=unet_brats", *common], BRATS_INFO)
+        imgx, unet = imgx.to(device).eval(), unet.to(device).eval()
+        repeats = args.repeats or (1 if scale == "paper" and device.type == "cpu" else 3)
+        # a MetaTensor with an affine, as the test loader serves it
+        image = MetaTensor(torch.randn(1, BRATS_INFO["in_channels"], *args.size, device=device,
+                                       generator=torch.Generator(device=device).manual_seed(0)),
+                           affine=torch.eye(4))
+
+        def run(model, curves=True):
+            def predict():
+                model.curves = curves  # False: validation's final-only prediction
+                return model.predict_case(image, "benchmark")
+            return measure(predict, device, repeats=repeats, warmup=args.warmup, bf16=args.bf16, clock=args.clock)
+
+        base, val, test = run(unet), run(imgx, curves=False), run(imgx, curves=True)
+        steps = imgx.sampling.steps
+        rows.append({
+            "scale": scale, "volume": "x".join(map(str, args.size)), "window": "x".join(map(str, imgx.roi_size)),
+            "K": steps, "unet_s": base.seconds, "imgx_val_s": val.seconds, "imgx_test_s": test.seconds,
+            "val/unet": val.seconds / base.seconds, "test/unet": test.seconds / base.seconds,
+            "target<=": 1.1 * steps, "unet_MB": base.peak_mb, "imgx_test_MB": test.peak_mb, "repeats": repeats,
+        })
+        print(format_table(rows[-1:]), flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="method", required=True)
     add_imgx(subparsers)
     add_segdiff(subparsers)
+    add_volume(subparsers)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")

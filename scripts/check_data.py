@@ -7,34 +7,8 @@ Exit status 0 when the data set is clean, 2 when a problem was found (all of the
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffseg.drivers.cli import run_cli  # noqa: E402
-
-
-def check(cfg: DictConfig) -> None:
-    from diffseg.drivers.run import build_datamodule
-
-    dm = build_datamodule(cfg)
-    mode = "fast" if cfg.check_data == "fast" else "full"
-    dm.check(fast=mode == "fast")
-    sizes = {k: len(v) for k, v in dm.splits.items()}
-    print(f"ok: {dm.root} ({mode} check) - {sum(sizes.values())} cases {sizes}, {dm.spatial_dims}D, "
-          f"{dm.in_channels} channels, classes {dm.class_names}")
-
-
-@hydra.main(version_base="1.3", config_path="../experiments", config_name="fit")
-def main(cfg: DictConfig) -> None:
-    run_cli(check, cfg)
-
+from diffseg.drivers.entry_points import check_data  # noqa: E402 - also the console command diffseg-check-data
 
 if __name__ == "__main__":
-    # the check writes nothing: keep Hydra's run folder out of the way unless the user sets one
-    if not any(a.startswith("hydra.run.dir") for a in sys.argv[1:]):
-        sys.argv += ["hydra.run.dir=${oc.env:TMPDIR,/tmp}/diffseg_check_data", "hydra.output_subdir=null",
-                     "hydra/job_logging=none", "hydra/hydra_logging=none"]
-    if not any(a.startswith("check_data=") for a in sys.argv[1:]):
-        sys.argv.append("check_data=full")
-    main()
+    check_data()

@@ -3,19 +3,8 @@ last, checkpoint) [+overrides.KEY=VALUE ...] [sweep.steps=[..] sweep.samples=[..
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffseg.drivers.cli import run_cli  # noqa: E402
-
-
-@hydra.main(version_base="1.3", config_path="../experiments", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    from diffseg.drivers.run import evaluate
-
-    run_cli(evaluate, cfg)
-
+from diffseg.drivers.entry_points import evaluate  # noqa: E402 - also the console command diffseg-evaluate
 
 if __name__ == "__main__":
-    main()
+    evaluate()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffseg.drivers.predict import main  # noqa: E402
+from diffseg.drivers.entry_points import predict  # noqa: E402 - also the console command diffseg-predict
 
 if __name__ == "__main__":
-    main()
+    predict()

@@ -1,13 +1,18 @@
-"""SegRefiner training coarse masks made online from the ground truth (docs/methods.md §3).
+"""SegRefiner training coarse masks made online from the ground truth (docs/methods.md §3), as the reference's
+``modify_boundary`` + ``perturb_seg`` (inherited from CascadePSP) make them.
 
-Contour simplification (drop a run of 10% of each contour's vertices, keep a random 10% of the rest,
-refill), then dilate or erode random rectangles (square kernel 3-10 px) until IoU with the ground truth
-falls below iou_range[1]. An overshoot below iou_range[0] restarts from the simplified mask with smaller
-perturbations; as a last resort the difference to the ground truth is partly restored (or, when the
-perturbations cannot lower the IoU, part of the mask is removed) in a smooth random order, which always
-lands inside the range unless the mask is only a few pixels.
+1. Contour simplification (``simplify_contours``): per contour of at least 10 vertices, drop a run of 10%
+   of its vertices starting among the 10% of positions whose run endpoints are closest together, keep a
+   random 10% of the rest, and fill every contour (holes included: they are filled; shorter contours vanish).
+2. Perturbation (``perturb``): rounds of 4 operations, each on a rectangle drawn anywhere in the image:
+   with probability 1/4 set its centre pixel to a random 0/1 (a seed that the next morphology grows into a
+   hole or an island), then dilate or erode the rectangle with one of four structuring elements (square,
+   ellipse, flat and tall half-ellipse) of size 3-9; stop after the first round whose IoU with the
+   simplified mask falls below ``iou_target`` (at most 250 rounds). No lower IoU bound.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from scipy import ndimage
@@ -15,7 +20,7 @@ from skimage import draw, measure
 
 from diffseg.data.errors import DataError
 
-_SCALES = (1.0, 0.5, 0.25)  # perturbation size of the first try and the restarts
+KERNEL_SHAPES = ("square", "ellipse", "flat_ellipse", "tall_ellipse")
 
 
 def mask_iou(a, b) -> float:
@@ -27,121 +32,113 @@ def mask_iou(a, b) -> float:
     return 1.0 if union == 0 else np.count_nonzero(a & b) / union
 
 
-def simplify_contours(mask: np.ndarray, rng: np.random.Generator, drop: float = 0.1,
-                      keep: float = 0.1) -> np.ndarray:
-    """Per contour: drop a cyclic run of ``drop`` of its vertices, keep a random ``keep`` of the rest
-    (at least 3) and refill; contours are combined by parity so that holes stay holes."""
-    mask = np.asarray(mask, bool)
-    out = np.zeros(mask.shape, bool)
+def ellipse_element(width: int, height: int) -> np.ndarray:
+    """OpenCV's MORPH_ELLIPSE structuring element (height, width): row i = r + dy (|dy| <= r = height // 2)
+    spans the columns c ± round(c·sqrt(1 - dy²/r²)), c = width // 2 (one centre pixel per row when r = 0)."""
+    r, c = height // 2, width // 2
+    k = np.zeros((height, width), bool)
+    for i in range(height):
+        dy = i - r
+        if abs(dy) <= r:
+            dx = int(np.rint(c * math.sqrt((r * r - dy * dy) / (r * r)))) if r else 0
+            k[i, max(c - dx, 0):min(c + dx + 1, width)] = True
+    return k
+
+
+def structuring_element(shape: str, size: int) -> np.ndarray:
+    """One of the reference's four kernels of ``size``: square, ellipse, flat (size x size//2) or tall
+    (size//2 x size) ellipse (width x height)."""
+    if shape == "square":
+        return np.ones((size, size), bool)
+    width, height = {"ellipse": (size, size), "flat_ellipse": (size, size // 2),
+                     "tall_ellipse": (size // 2, size)}[shape]
+    return ellipse_element(width, height)
+
+
+def _contours(mask: np.ndarray) -> list[np.ndarray]:
+    """Closed (row, col) contours of every region and hole (the last vertex is not repeated)."""
+    out = []
     for contour in measure.find_contours(np.pad(mask, 1).astype(np.float32), 0.5):
-        pts = contour[:-1] - 1 if np.allclose(contour[0], contour[-1]) else contour - 1
-        n = len(pts)
-        if n >= 10:  # too few vertices to simplify otherwise: keep the contour as is
-            n_drop = int(drop * n)
-            rest = pts[(int(rng.integers(n)) + n_drop + np.arange(n - n_drop)) % n]
-            k = max(3, int(keep * len(rest)))
-            pts = rest[np.sort(rng.choice(len(rest), size=k, replace=False))]
-        rr, cc = draw.polygon(pts[:, 0], pts[:, 1], shape=mask.shape)
-        fill = np.zeros(mask.shape, bool)
-        fill[rr, cc] = True
-        out ^= fill
+        out.append((contour[:-1] if np.allclose(contour[0], contour[-1]) else contour) - 1)
     return out
 
 
-def _perturb(seg, gt, rng, hi: float, max_iter: int, scale: float, anchors, extent: int):
-    """Dilate or erode random rectangles near the object boundary until IoU < hi (or max_iter)."""
-    h, w = seg.shape
-    iou = mask_iou(seg, gt)
-    for _ in range(max_iter):
-        if iou < hi:
-            break
-        cy, cx = anchors[rng.integers(len(anchors))] + rng.integers(-2, 3, 2)
-        hh, hw = np.maximum(2, np.round(extent * scale * rng.uniform(0.1, 0.4, 2))).astype(int)
-        k = 3 + int((int(rng.integers(3, 11)) - 3) * scale)  # square structuring element, 3-10 px
-        y0, y1, x0, x1 = max(cy - hh, 0), min(cy + hh + 1, h), max(cx - hw, 0), min(cx + hw + 1, w)
-        if y0 >= y1 or x0 >= x1:
+def drop_closest_run(pts: np.ndarray, rng: np.random.Generator, drop: float = 0.1) -> np.ndarray:
+    """Remove a run of int(drop·n) consecutive vertices [i, i + run) of the contour ``pts`` (n, 2), i drawn
+    uniformly among the ceil(10%) of the start positions 0 .. n - run - 1 whose run endpoints pts[i] and
+    pts[i + run] are closest (a run that cuts a short chord: a protrusion, a narrow end)."""
+    n = len(pts)
+    run = int(n * drop)
+    dist = ((pts[:n - run] - pts[run:]) ** 2).sum(1)
+    order = np.argsort(dist, kind="stable")
+    start = int(order[rng.integers(math.ceil(0.1 * len(order)))])
+    return np.concatenate([pts[:start], pts[start + run:]])
+
+
+def simplify_contours(mask: np.ndarray, rng: np.random.Generator, drop: float = 0.1, keep: float = 0.1,
+                      min_vertices: int = 10) -> np.ndarray:
+    """``modify_boundary`` without vertex moves: per contour with >= ``min_vertices`` vertices, remove a
+    run of int(drop·n) consecutive vertices starting at a random one of the ceil(10%) start positions whose
+    run endpoints are closest, keep a random int(keep·rest) of the rest in order, fill. All contours are
+    filled (holes of the mask too); with no contour left the mask is returned unchanged."""
+    mask = np.asarray(mask, bool)
+    out = np.zeros(mask.shape, bool)
+    drawn = False
+    for pts in _contours(mask):
+        n = len(pts)
+        if n < min_vertices:
             continue
-        py0, py1, px0, px1 = max(y0 - k, 0), min(y1 + k, h), max(x0 - k, 0), min(x1 + k, w)
-        sub = seg[py0:py1, px0:px1]
-        if rng.random() < 0.5:
-            new = ndimage.binary_dilation(sub, np.ones((k, k), bool))
-        else:  # the image border does not erode the object
-            new = ndimage.binary_erosion(sub, np.ones((k, k), bool), border_value=1)
-        seg[y0:y1, x0:x1] = new[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
-        iou = mask_iou(seg, gt)
-    return seg, iou
+        rest = drop_closest_run(pts, rng, drop)
+        k = int(len(rest) * keep)
+        if k == 0:
+            continue
+        kept = rest[np.sort(rng.choice(len(rest), size=k, replace=False))]
+        corners = np.clip(np.rint(kept), 0, np.array(mask.shape) - 1).astype(int)
+        for (r0, c0), (r1, c1) in zip(corners, np.roll(corners, -1, axis=0)):  # the outline (a filled cv2
+            out[draw.line(r0, c0, r1, c1)] = True                              # contour includes its edges)
+        if k >= 3:
+            rr, cc = draw.polygon(kept[:, 0], kept[:, 1], shape=mask.shape)
+            out[rr, cc] = True
+        drawn = True
+    return out if drawn else mask.copy()
 
 
-def _smooth_order(rng, shape, extent: int, idx: np.ndarray) -> np.ndarray:
-    """A spatially coherent random order of the flat pixel indices ``idx`` (blob after blob)."""
-    field = ndimage.gaussian_filter(rng.standard_normal(shape), max(1.0, extent / 8))
-    return idx[np.argsort(field.ravel()[idx], kind="stable")]
-
-
-def _pick(iou: np.ndarray, past_target: np.ndarray, lo: float, hi: float) -> int:
-    """Index of the first IoU past the target; if that one is outside [lo, hi) (a few-pixel mask
-    moves in big steps), the nearest one inside the range, if any."""
-    first = int(np.argmax(past_target)) if past_target.any() else len(iou) - 1
-    inside = np.flatnonzero((iou >= lo) & (iou < hi))
-    if lo <= iou[first] < hi or len(inside) == 0:
-        return first
-    return int(inside[np.argmin(np.abs(inside - first))])
-
-
-def _move_to_target(seg, gt, rng, target: float, lo: float, hi: float, extent: int) -> np.ndarray:
-    """Flip pixels in a smooth random order to put the IoU just past ``target``: towards the ground
-    truth when IoU < target (each flip raises it), else removing mask pixels (each flip lowers it)."""
-    seg, flat_gt = seg.copy(), gt.ravel()
-    inter, union = np.count_nonzero(seg & gt), np.count_nonzero(seg | gt)
-    if inter / max(union, 1) < target:
-        idx = _smooth_order(rng, gt.shape, extent, np.flatnonzero(seg ^ gt))
-        gain = flat_gt[idx]  # a missed ground-truth pixel: intersection + 1, else union - 1
-        iou = (inter + np.cumsum(gain)) / (union - np.cumsum(~gain))
-        n = _pick(iou, iou >= target, lo, hi) + 1
-        seg.ravel()[idx[:n]] = flat_gt[idx[:n]]
-    else:
-        idx = _smooth_order(rng, gt.shape, extent, np.flatnonzero(seg & gt))
-        iou = (inter - np.arange(1, len(idx))) / union  # remove a true pixel: intersection - 1
-        if len(iou):  # (at least one pixel is kept)
-            seg.ravel()[idx[:_pick(iou, iou < target, lo, hi) + 1]] = False
+def perturb(seg: np.ndarray, rng: np.random.Generator, iou_target: float = 0.8, max_rounds: int = 250,
+            ops_per_round: int = 4, kernel_sizes: tuple[int, int] = (3, 9)) -> np.ndarray:
+    """``perturb_seg``: dilate/erode random rectangles (with random centre-pixel flips) until the IoU with
+    the input drops below ``iou_target`` (checked after each round of ``ops_per_round`` operations)."""
+    ref = np.asarray(seg, bool)
+    seg = ref.copy()
+    h, w = seg.shape
+    if h <= 2 or w <= 2:
+        return seg
+    for _ in range(max_rounds):
+        for _ in range(ops_per_round):
+            x0, y0 = int(rng.integers(w)), int(rng.integers(h))
+            x1, y1 = int(rng.integers(x0 + 1, w + 1)), int(rng.integers(y0 + 1, h + 1))
+            if rng.random() < 0.25:  # a seed pixel: the morphology below grows it into an island or a hole
+                seg[(y0 + y1) // 2, (x0 + x1) // 2] = bool(rng.integers(2))
+            kernel = structuring_element(KERNEL_SHAPES[rng.integers(4)],
+                                         int(rng.integers(kernel_sizes[0], kernel_sizes[1] + 1)))
+            region = seg[y0:y1, x0:x1]
+            if rng.random() < 0.5:  # outside the rectangle counts as background for dilation ...
+                seg[y0:y1, x0:x1] = ndimage.maximum_filter(region, footprint=kernel, mode="constant", cval=0)
+            else:  # ... and as foreground for erosion (OpenCV's default border values)
+                seg[y0:y1, x0:x1] = ndimage.minimum_filter(region, footprint=kernel, mode="constant", cval=1)
+        if mask_iou(seg, ref) < iou_target:
+            break
     return seg
 
 
-def make_coarse_mask(mask, rng: np.random.Generator, iou_range=(0.5, 0.8),
-                     max_iter: int = 100) -> np.ndarray:
-    """A coarse version of the 2D binary ``mask`` with IoU in [iou_range[0], iou_range[1]) (bool).
-
-    Deterministic given ``rng``; empty input -> empty output, never empty for a non-empty input.
-    """
+def make_coarse_mask(mask, rng: np.random.Generator, iou_target: float = 0.8, max_rounds: int = 250) -> np.ndarray:
+    """A coarse version of the 2D binary ``mask`` (bool): ``simplify_contours`` then ``perturb`` until the
+    IoU with the simplified mask is below ``iou_target``. Deterministic given ``rng``; empty in, empty out."""
     gt = np.asarray(mask)
     if gt.ndim != 2:
         raise DataError(f"make_coarse_mask: expected a 2D mask, found shape {gt.shape}")
+    if not 0.0 < float(iou_target) <= 1.0:
+        raise DataError(f"iou_target: expected a value in (0, 1], found {iou_target!r}")
     gt = gt.astype(bool)
-    lo, hi = (float(v) for v in iou_range)
-    if not 0.0 <= lo < hi <= 1.0:
-        raise DataError(f"iou_range: expected 0 <= low < high <= 1, found {tuple(iou_range)}")
     if not gt.any():
         return np.zeros(gt.shape, bool)
-    rows, cols = np.nonzero(gt)
-    extent = int(max(rows.max() - rows.min(), cols.max() - cols.min())) + 1
-    anchors = np.argwhere(gt & ~ndimage.binary_erosion(gt, border_value=1))
-    if len(anchors) == 0:  # the mask fills the image: perturb from anywhere
-        anchors = np.argwhere(gt)
-    simplified = simplify_contours(gt, rng)
-    base = simplified if simplified.any() and mask_iou(simplified, gt) >= lo else gt
-    over = under = None
-    for scale in _SCALES:
-        seg, iou = _perturb(base.copy(), gt, rng, hi, max_iter, scale, anchors, extent)
-        if lo <= iou < hi and seg.any():
-            return seg
-        if iou < hi:
-            over = seg
-        else:
-            under = seg
-    target = rng.uniform(lo, hi)
-    seg = _move_to_target(over if over is not None else under, gt, rng, target, lo, hi, extent)
-    if not lo <= mask_iou(seg, gt) < hi:  # a few-pixel mask: grow it, then take pixels back
-        grown = ndimage.binary_dilation(gt, np.ones((3, 3), bool))
-        alt = _move_to_target(grown, gt, rng, target, lo, hi, extent)
-        seg = alt if lo <= mask_iou(alt, gt) < hi else seg
-    return seg
+    return perturb(simplify_contours(gt, rng), rng, float(iou_target), int(max_rounds))

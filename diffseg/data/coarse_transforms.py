@@ -8,15 +8,13 @@ id and cached, so every evaluation of a checkpoint sees the same coarse masks. B
 
 When the sample already holds a ``coarse`` mask (``data.source.coarse_dir``: masks produced by
 another model), the files win: the transform passes the sample through and says so once in the log
-(its ``iou_range`` is then not used).
+(its ``iou_target`` is then not used).
 """
 from __future__ import annotations
 
 import logging
 import zlib
 from collections import OrderedDict
-from typing import Sequence
-
 import numpy as np
 import torch
 from monai import transforms as mt
@@ -34,21 +32,21 @@ class _CoarseMaskBase(mt.MapTransform):
     _notified = False  # one log line per process when coarse masks come from files
 
     def __init__(self, label_key: str = "label", coarse_key: str = "coarse",
-                 iou_range: Sequence[float] = (0.5, 0.8), max_iter: int = 100):
+                 iou_target: float = 0.8, max_rounds: int = 250):
         super().__init__(keys=[label_key])
-        lo, hi = (float(v) for v in iou_range)
-        if len(tuple(iou_range)) != 2 or not 0.0 <= lo < hi <= 1.0:
-            raise DataError(f"iou_range: expected [low, high] with 0 <= low < high <= 1, got {list(iou_range)}")
+        if isinstance(iou_target, bool) or not isinstance(iou_target, (int, float)) or not 0.0 < iou_target <= 1.0:
+            raise DataError(f"iou_target: expected one number in (0, 1] (the coarse masks' IoU falls just below "
+                            f"it; there is no lower bound), got {iou_target!r}")
         self.label_key, self.coarse_key = label_key, coarse_key
-        self.iou_range, self.max_iter = (lo, hi), int(max_iter)
+        self.iou_target, self.max_rounds = float(iou_target), int(max_rounds)
 
     def _from_files(self, d) -> bool:
         if self.coarse_key not in d:
             return False
         if not _CoarseMaskBase._notified:
             _CoarseMaskBase._notified = True
-            log.warning("coarse masks are read from files (data.source.coarse_dir): %s(iou_range=%s) "
-                        "is not used", type(self).__name__, list(self.iou_range))
+            log.warning("coarse masks are read from files (data.source.coarse_dir): %s(iou_target=%s) "
+                        "is not used", type(self).__name__, self.iou_target)
         return True
 
     def _label(self, d) -> np.ndarray:
@@ -68,11 +66,11 @@ class _CoarseMaskBase(mt.MapTransform):
         return d
 
     def _make(self, fg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return make_coarse_mask(fg, rng, iou_range=self.iou_range, max_iter=self.max_iter)
+        return make_coarse_mask(fg, rng, iou_target=self.iou_target, max_rounds=self.max_rounds)
 
 
 class RandCoarseMaskd(mt.Randomizable, _CoarseMaskBase):
-    """Training: a fresh coarse mask of the (cropped) ground truth each call, IoU in ``iou_range``."""
+    """Training: a fresh coarse mask of the (cropped) ground truth each call (``iou_target``)."""
 
     def randomize(self, data=None) -> None:
         self._seed = int(self.R.randint(0, 2**31 - 1))
@@ -92,9 +90,9 @@ class FixedCoarseMaskd(_CoarseMaskBase):
     (another resize, another crop) gets its own mask."""
 
     def __init__(self, label_key: str = "label", coarse_key: str = "coarse",
-                 iou_range: Sequence[float] = (0.5, 0.8), max_iter: int = 100, seed: int = 0,
+                 iou_target: float = 0.8, max_rounds: int = 250, seed: int = 0,
                  id_key: str = "case_id", cache_size: int = 4096):
-        super().__init__(label_key, coarse_key, iou_range, max_iter)
+        super().__init__(label_key, coarse_key, iou_target, max_rounds)
         self.seed, self.id_key, self.cache_size = int(seed), id_key, int(cache_size)
         self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
 

@@ -5,6 +5,13 @@ builds the MONAI pipelines, caches the deterministic part and serves:
 - training: random (foreground-weighted) patches, a fixed number of samples per epoch;
 - validation / test: whole images/volumes one at a time, sharded over DDP ranks WITHOUT padding,
   so that every case is scored exactly once.
+
+Memory (``data.cache``): ``memory`` keeps the first ``cache_rate`` of each split's preprocessed cases in
+every process (MONAI CacheDataset: grows with the data set, fine for small 2D sets); ``disk`` writes each
+preprocessed case once under ``cache_dir``, in a folder keyed by the preprocessing (a changed transform
+or setting gets a new folder), and reads it back per item (MONAI PersistentDataset: a process holds only
+the items in flight, whatever the number of cases); ``none`` preprocesses every item. Loader workers:
+``num_workers: auto`` and ``pin_memory: auto`` give workers and pinned memory on GPU, none on CPU.
 """
 from __future__ import annotations
 
@@ -17,20 +24,39 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
+from monai.data.utils import pickle_hashing
 from torch.utils.data import DataLoader as TorchDataLoader
-from torch.utils.data import Sampler
 
 from diffseg.data.errors import DataError
 from diffseg.data.formats.base import Case, Source
 from diffseg.data.integrity import assert_dataset_ok
-from diffseg.data.transforms import deterministic_transforms, random_transforms
+from diffseg.data.resumable import EpochSampler, SeededTransformDataset
+from diffseg.data.transforms import deterministic_transforms, preprocessing_fingerprint, random_transforms
 
 SPLITS = ("train", "val", "test")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+CACHES = ("memory", "disk", "none")
+MAX_AUTO_WORKERS = 8
+
+
+def record_hash(record: dict) -> bytes:
+    """Disk-cache key of one case: its record (files, case id) and each file's size and modification time,
+    so a rewritten file is preprocessed again."""
+    files = [v for k, v in sorted(record.items()) if k != "case_id"]
+    files = [f for v in files for f in (v if isinstance(v, (list, tuple)) else [v])]
+    stats = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            stats.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:  # unreadable: the loader names the file
+            stats.append((str(f), None, None))
+    return pickle_hashing({"record": record, "stats": stats})
 
 
 def load_or_make_splits(
@@ -78,19 +104,6 @@ def load_or_make_splits(
     }
 
 
-class ShardSampler(Sampler[int]):
-    """Evaluation sampler: rank r takes items r, r+W, r+2W, ... No padding, no duplicates."""
-
-    def __init__(self, length: int, rank: int, world_size: int):
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 class RepeatDataset(torch.utils.data.Dataset):
     """Presents ``length`` items cycling over a (cached) dataset: a fixed-size training epoch."""
 
@@ -131,8 +144,10 @@ class SegDataModule(L.LightningDataModule):
         patch_size: Sequence[int],
         batch_size: int = 2,
         samples_per_epoch: int = 64,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
+        pin_memory: bool | str = "auto",
         cache: str = "memory",
+        cache_rate: float = 1.0,
         cache_dir: str | None = None,
         split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
         split_seed: int = 0,
@@ -154,8 +169,17 @@ class SegDataModule(L.LightningDataModule):
         eval_transforms: Sequence[Callable] = (),
     ):
         super().__init__()
-        if cache not in ("memory", "disk", "none"):
-            raise DataError(f"data.cache: expected memory | disk | none, got {cache!r}")
+        if cache not in CACHES:
+            raise DataError(f"data.cache: expected {' | '.join(CACHES)}, got {cache!r}")
+        if isinstance(cache_rate, bool) or not isinstance(cache_rate, (int, float)) or not 0 < cache_rate <= 1:
+            raise DataError(f"data.cache_rate: expected a fraction in (0, 1], got {cache_rate!r}")
+        if cache_rate != 1 and cache != "memory":
+            raise DataError(f"data.cache_rate={cache_rate} applies to data.cache=memory only (got data.cache={cache})")
+        if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                      or num_workers < 0):
+            raise DataError(f"data.num_workers: expected auto or an integer >= 0, got {num_workers!r}")
+        if pin_memory != "auto" and not isinstance(pin_memory, bool):
+            raise DataError(f"data.pin_memory: expected auto, true or false, got {pin_memory!r}")
         if Path(str(source.root)) != Path(str(root)):
             raise DataError(f"data.source.root={source.root} differs from data.root={root}")
         self.root = Path(str(root))
@@ -164,8 +188,8 @@ class SegDataModule(L.LightningDataModule):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = int(batch_size)
         self.samples_per_epoch = int(samples_per_epoch)
-        self.num_workers = int(num_workers)
-        self.cache = cache
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.cache, self.cache_rate = cache, float(cache_rate)
         self.cache_dir = cache_dir
         self.split_fractions = tuple(split_fractions)
         self.split_seed = int(split_seed)
@@ -186,6 +210,7 @@ class SegDataModule(L.LightningDataModule):
         self._info = None
         self.splits: dict[str, list[str]] | None = None
         self.datasets: dict[str, Any] = {}
+        self._resume_position: tuple[int, int] | None = None  # (epoch, batches done) of a resumed run
 
     # ---------------------------------------------------------------- description
     def ensure_files(self) -> None:
@@ -273,11 +298,18 @@ class SegDataModule(L.LightningDataModule):
             records.append(rec)
         return records
 
-    def _cached(self, records: list[dict], transform, stage: str):
+    def disk_cache_dir(self, transform: mt.Compose) -> Path:
+        """``cache_dir`` (default ROOT/.cache) / <data folder>_<fingerprint of root and preprocessing>."""
+        root = Path(self.source.root).expanduser().absolute()
+        key = preprocessing_fingerprint(transform.transforms, root=str(root))
+        return Path(self.cache_dir or root / ".cache").expanduser() / f"{root.name}_{key[:16]}"
+
+    def _cached(self, records: list[dict], transform: mt.Compose):
         if self.cache == "memory":
             # one caching thread: MONAI image readers are shared by the transform and not thread-safe
             try:
-                return CacheDataset(records, transform=transform, progress=False, num_workers=1)
+                return CacheDataset(records, transform=transform, cache_rate=self.cache_rate, progress=False,
+                                    num_workers=1)
             except RuntimeError as err:  # MONAI wraps transform errors: surface the DataError itself
                 cause = err
                 while cause is not None and not isinstance(cause, DataError):
@@ -286,9 +318,10 @@ class SegDataModule(L.LightningDataModule):
                     raise cause from None
                 raise
         if self.cache == "disk":
-            key = hashlib.sha1(f"{self.source.root}|{self.patch_size}|{self.target_spacing}|{self.resize}".encode())
-            cache_dir = Path(self.cache_dir or Path(self.source.root) / ".cache") / f"{stage}_{key.hexdigest()[:12]}"
-            return PersistentDataset(records, transform=transform, cache_dir=cache_dir)
+            # metadata kept (the affine gives the spacing) and loaded back with weights_only=True
+            # (transforms.PlainMetad); a file that cannot be loaded is recomputed by MONAI
+            return PersistentDataset(records, transform=transform, cache_dir=self.disk_cache_dir(transform),
+                                     hash_func=record_hash, track_meta=True, weights_only=True)
         return Dataset(records, transform=transform)
 
     def setup(self, stage: str | None = None) -> None:
@@ -309,13 +342,15 @@ class SegDataModule(L.LightningDataModule):
             det = deterministic_transforms(**common)
             if name != "train":
                 det = det + self.extra_eval_transforms
-            ds = self._cached(self._records(splits[name], with_coarse), mt.Compose(det), name)
+            ds = self._cached(self._records(splits[name], with_coarse), mt.Compose(det))
             if name == "train":
                 rnd = random_transforms(spatial_dims=info.spatial_dims, patch_size=self.patch_size,
                                         extra_label_keys=extra, foreground_ratio=self.foreground_ratio,
                                         **self.augment_kwargs)
                 rnd = rnd + self.extra_train_transforms
-                ds = Dataset(RepeatDataset(ds, self.samples_per_epoch), transform=mt.Compose(rnd))
+                # random transforms seeded per (run seed, epoch, item): a resumed run draws the same patches
+                ds = SeededTransformDataset(RepeatDataset(ds, self.samples_per_epoch), mt.Compose(rnd),
+                                            seed=torch.initial_seed())
             self.datasets[name] = ds
 
     # ---------------------------------------------------------------- loaders
@@ -325,33 +360,67 @@ class SegDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def loader_settings(self) -> dict[str, Any]:
+        """num_workers, pin_memory, persistent_workers of every loader. ``auto``: on GPU, workers = the
+        CPUs per local rank minus one (at most MAX_AUTO_WORKERS) and pinned memory; on CPU, none (the
+        model uses the cores)."""
+        trainer = getattr(self, "trainer", None)
+        strategy = getattr(trainer, "strategy", None)  # None: no trainer (a loader built by hand)
+        on_gpu = strategy is not None and strategy.root_device.type == "cuda"
+        workers = self.num_workers
+        if workers == "auto":
+            workers = 0
+            if on_gpu:
+                cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+                per_rank = cpus // max(1, int(getattr(trainer, "num_devices", 1)))
+                workers = max(1, min(MAX_AUTO_WORKERS, per_rank - 1))
+        pin = on_gpu if self.pin_memory == "auto" else bool(self.pin_memory)
+        return dict(num_workers=int(workers), pin_memory=pin, persistent_workers=int(workers) > 0)
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._dist()
         ds = self.datasets["train"]
-        if world > 1:
-            sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
-                                                          seed=self.split_seed)
-        else:
-            sampler = torch.utils.data.RandomSampler(ds)
-        # MONAI's DataLoader seeds the random transforms (crops, flips, coarse masks) from its generator, in
-        # this process or in each worker: with seed_everything(seed) a run's patches are reproducible
-        # (torch's DataLoader leaves them on MONAI's unseeded global RandomState). The generator is the
-        # loader's own (run seed + rank): with num_workers=0 MONAI re-seeds the generator it draws from, which
-        # would restart torch's global stream (the diffusion noise) if it were the default one.
-        generator = torch.Generator().manual_seed((torch.initial_seed() + rank) % 2**63)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=list_data_collate, drop_last=len(ds) >= world * self.batch_size,
-                          persistent_workers=self.num_workers > 0, generator=generator)
+        drop_last = len(ds) >= world * self.batch_size
+        # the epoch's order: a permutation seeded by (run seed, epoch), rank r taking every W-th item; after a
+        # restart mid-epoch, the batches already trained on are skipped (state_dict / load_state_dict)
+        sampler = EpochSampler(len(ds), ds.seed, rank, world, drop_last=drop_last)
+        if self._resume_position is not None:
+            epoch, batches = self._resume_position
+            sampler.resume_from(epoch, batches * self.batch_size)
+            self._resume_position = None
+        # MONAI's DataLoader with its own generator (run seed + rank): it never re-seeds torch's global stream
+        # (the diffusion noise); the random transforms are seeded per item by the dataset
+        generator = torch.Generator().manual_seed((ds.seed + rank) % 2**63)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=list_data_collate,
+                          drop_last=drop_last, generator=generator, **self.loader_settings())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the epoch (saved in every checkpoint): (epoch, batches trained on)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"train_epoch": int(trainer.current_epoch), "train_batches_done": int(progress.processed)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_epoch" in state_dict:
+            self._resume_position = (int(state_dict["train_epoch"]), int(state_dict["train_batches_done"]))
 
     def _eval_loader(self, name: str) -> TorchDataLoader:
         if name not in self.datasets:
             raise DataError(f"the {name} split is empty: add cases or change data.split_fractions / splits.json")
         rank, world = self._dist()
         ds = self.datasets[name]
+        if len(ds) < world:
+            raise DataError(f"the {name} split has {len(ds)} case(s), fewer than the {world} processes: every "
+                            "process needs a case; add cases or change data.split_fractions / splits.json")
+        # Lightning's unpadded sampler: rank r takes cases r, r+W, r+2W, ... (no padding, no duplicate),
+        # so every case is scored exactly once (trainer.use_distributed_sampler=false keeps it)
+        sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
         # eval transforms are deterministic (coarse masks are seeded per case): torch's loader, which leaves
         # the global RNG alone when Lightning builds it mid-training (MONAI's would re-seed it)
-        return TorchDataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds), rank, world),
-                               num_workers=self.num_workers, collate_fn=list_data_collate)
+        return TorchDataLoader(ds, batch_size=1, sampler=sampler, collate_fn=list_data_collate,
+                               **self.loader_settings())
 
     def val_dataloader(self) -> TorchDataLoader:
         return self._eval_loader("val")

@@ -1,13 +1,16 @@
 """MONAI preprocessing and augmentation pipelines, one builder for 2D images and 3D volumes.
 
 The deterministic part (load, label encoding, orientation, resampling, normalisation, padding) is
-cached; the random part (foreground-weighted patches, flips, intensity and colour jitter) runs
+cached (in memory, or on disk under a key from ``preprocessing_fingerprint``); the random part (foreground-weighted patches, flips, intensity and colour jitter) runs
 every epoch. Validation and test use the deterministic part only and keep whole images/volumes
 for sliding-window inference.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import enum
+import hashlib
+import json
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +71,66 @@ class ToFloatImaged(mt.MapTransform):
         return d
 
 
+class PlainMetad(mt.MapTransform):
+    """Image metadata reduced to tensors and plain values, and no transform trace (nothing is inverted).
+
+    A disk-cached case is then read back with ``torch.load(weights_only=True)``: NIfTI headers carry NumPy
+    values, which the safe loader refuses (MONAI would silently recompute every cached case). The affine,
+    the spacing source, is kept as a tensor."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            arr = d[key]
+            if isinstance(arr, MetaTensor):
+                arr.meta = {k: _plain(v) for k, v in arr.meta.items()}
+                arr.applied_operations = []
+        return d
+
+
+def _plain(value):
+    if isinstance(value, np.ndarray):
+        return torch.as_tensor(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _describe(obj: Any, depth: int = 0) -> Any:
+    """A JSON-able description of a transform's settings: class name and public attributes, recursively."""
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, enum.Enum):
+        return str(obj.value)
+    if isinstance(obj, (np.ndarray, np.generic, torch.Tensor)):
+        return np.asarray(obj).tolist()
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [_describe(v, depth + 1) for v in obj]
+        return sorted(items, key=repr) if isinstance(obj, (set, frozenset)) else items
+    if isinstance(obj, dict):
+        return {str(k): _describe(v, depth + 1) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (torch.dtype, np.dtype, type)):
+        return str(obj)
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if depth > 6 or not hasattr(obj, "__dict__"):
+        return name
+    return {"class": name, **{k: _describe(v, depth + 1) for k, v in sorted(vars(obj).items())
+                              if not k.startswith("_") and not callable(v) or isinstance(v, mt.Transform)}}
+
+
+def preprocessing_fingerprint(transforms: Sequence, **context: Any) -> str:
+    """Hex digest of the deterministic pipeline: every transform's class and settings (a changed
+    normalisation, spacing, label map or pad size gives another key) plus ``context`` (e.g. the data root)."""
+    description = {"transforms": [_describe(t) for t in transforms], **{k: _describe(v) for k, v in context.items()}}
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
 def _source_name(arr) -> str:
     meta = getattr(arr, "meta", None) or {}
     name = meta.get("filename_or_obj", "<label>")
@@ -112,6 +175,7 @@ def deterministic_transforms(
     ts.append(mt.NormalizeIntensityd(keys="image", nonzero=spatial_dims == 3, channel_wise=True))
     ts.append(mt.SpatialPadd(keys=keys, spatial_size=tuple(patch_size)))
     ts.append(mt.EnsureTyped(keys=keys, track_meta=True))
+    ts.append(PlainMetad(keys=keys))
     return ts
 
 

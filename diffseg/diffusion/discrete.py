@@ -8,11 +8,19 @@ coarse mask itself. Transition matrix Q_t = [[β_t, 1-β_t], [0, 1]] with β_t =
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from .schedules import Float64BufferModule
+
+
+class Refinement(NamedTuple):
+    """What ``BinaryRefinementDiffusion.refine`` returns."""
+
+    prob: torch.Tensor               # sigmoid(logits) of the last step run: the refined foreground probability
+    fine_prob: torch.Tensor          # f after the last step: the probability that each pixel is fine
+    step_probs: list[torch.Tensor]   # sigmoid(logits) of every step, in order
 
 
 class BinaryRefinementDiffusion(Float64BufferModule):
@@ -84,6 +92,11 @@ class BinaryRefinementDiffusion(Float64BufferModule):
         # the denominator is > 0 unless c = β̄_t = 1, where the numerator is 0 as well
         return confidence * (bb_prev - bb) / (1.0 - confidence * bb).clamp(min=1e-12)
 
+    def update_fine_prob(self, logits: torch.Tensor, fine_prob: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """f <- f + (1 - f)·p with p = transition_prob(c, t) and c = |2·sigmoid(logit) - 1|."""
+        conf = (2.0 * torch.sigmoid(logits) - 1.0).abs()
+        return fine_prob + (1.0 - fine_prob) * self.transition_prob(conf, t)
+
     def reverse_step(
         self,
         logits: torch.Tensor,
@@ -101,8 +114,7 @@ class BinaryRefinementDiffusion(Float64BufferModule):
         """
         for name, tensor in (("m_t", m_t), ("coarse", coarse), ("fine_prob", fine_prob)):
             self._check_same_shape(tensor, logits, name)
-        conf = (2.0 * torch.sigmoid(logits) - 1.0).abs()
-        fine_prob = fine_prob + (1.0 - fine_prob) * self.transition_prob(conf, t)
+        fine_prob = self.update_fine_prob(logits, fine_prob, t)
         u = self._uniform(logits, generator)
         pred = (logits >= 0).to(m_t.dtype)
         return torch.where(u < fine_prob, pred, coarse.to(m_t.dtype)), fine_prob
@@ -115,27 +127,38 @@ class BinaryRefinementDiffusion(Float64BufferModule):
         *,
         generator: torch.Generator | None = None,
         num_steps: int | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Iteratively refine ``coarse`` (B, 1, H, W) in {0, 1}.
+        start: int | None = None,
+        fine_prob: torch.Tensor | None = None,
+    ) -> Refinement:
+        """Iteratively refine ``coarse`` (B, 1, H, W) in {0, 1}, the state at step ``start``.
 
-        ``denoise_fn(m_t, t)`` returns fine-mask logits (the image is bound inside denoise_fn);
-        t is long (B,). Runs t = n-1 .. 0 with n = num_steps (default K; e.g. 1 for SegRefiner's
-        one-step local refinement), starting from m = coarse and f = 0. The last step returns
-        sigmoid(logits) directly. Returns (prob, step_probs) where step_probs holds
-        sigmoid(logits) of every step in order. No host-device synchronisation in the loop.
+        ``denoise_fn(m_t, t)`` returns fine-mask logits (the image is bound inside denoise_fn); t is long
+        (B,). Runs the reverse steps t = start, start - 1, ..., start - n + 1 with n = ``num_steps``
+        (defaults: start = K-1, where m_t is exactly the coarse mask, and n = start + 1, i.e. down to
+        t = 0), from m = coarse and f = ``fine_prob`` (default 0). SegRefiner's reference uses
+        start = K-1, n = K-1 for its global pass (t = K-1 .. 1) and start = 0, n = 1 for its local patches.
+        Every step updates f; all but the last sample m_{t-1}; the last returns sigmoid(logits) directly.
+        No host-device synchronisation in the loop.
         """
-        n = self.num_steps if num_steps is None else num_steps
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_steps:
-            raise ValueError(f"num_steps must be an int in [1, {self.num_steps}], got {num_steps!r}")
+        start = self.num_steps - 1 if start is None else start
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < self.num_steps:
+            raise ValueError(f"start must be an int in [0, {self.num_steps - 1}], got {start!r}")
+        n = start + 1 if num_steps is None else num_steps
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= start + 1:
+            raise ValueError(f"num_steps must be an int in [1, {start + 1}] (steps {start} .. 0), got {num_steps!r}")
         if not coarse.dtype.is_floating_point:
             coarse = coarse.float()
-        m, f = coarse, torch.zeros_like(coarse)
-        steps = torch.arange(n - 1, -1, -1, device=coarse.device).view(-1, 1).expand(-1, coarse.shape[0])
+        m = coarse
+        f = torch.zeros_like(coarse) if fine_prob is None else fine_prob.to(coarse.dtype)
+        self._check_same_shape(f, coarse, "fine_prob")
+        steps = torch.arange(start, start - n, -1, device=coarse.device).view(-1, 1).expand(-1, coarse.shape[0])
         step_probs: list[torch.Tensor] = []
         for i in range(n):
             logits = denoise_fn(m, steps[i])
             self._check_same_shape(logits, coarse, "denoise_fn output")
             step_probs.append(torch.sigmoid(logits))
-            if i < n - 1:  # python loop index: the last step (t = 0) is not sampled
+            if i < n - 1:  # python loop index: the last step returns its sigmoid, it is not sampled
                 m, f = self.reverse_step(logits, m, coarse, f, steps[i], generator=generator)
-        return step_probs[-1], step_probs
+            else:  # ... but its fine probability is updated (the reference's local patches start from it)
+                f = self.update_fine_prob(logits, f, steps[i])
+        return Refinement(step_probs[-1], f, step_probs)

@@ -32,12 +32,12 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from monai import transforms as mt
 from monai.data import Dataset, list_data_collate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from diffseg.data.datamodule import ShardSampler
 from diffseg.data.errors import DataError
 from diffseg.data.formats.base import Case, Source
 from diffseg.data.formats.msd import MSDSource
@@ -104,8 +104,13 @@ class NewCases(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return DataLoader(self.dataset, batch_size=1, sampler=ShardSampler(len(self.dataset), rank, world),
-                          num_workers=self.num_workers, collate_fn=list_data_collate)
+        if len(self.dataset) < world:
+            raise DataError(f"{len(self.dataset)} new case(s) for {world} processes: every process needs a case "
+                            "(use fewer devices)")
+        # rank r takes cases r, r+W, r+2W, ...: no padding, so every case is predicted and written once
+        sampler = UnrepeatedDistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(self.dataset, batch_size=1, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=list_data_collate)
 
 
 def _gather(items: list) -> list:
@@ -216,18 +221,3 @@ def predict(cfg: DictConfig) -> list[dict]:
             logger.finalize("success")
     return writer.rows
 
-
-def main() -> None:
-    """scripts/predict.py and the console entry point ``diffseg-predict``: Hydra composes
-    experiments/predict.yaml with the command-line overrides; bad input ends with one message."""
-    import hydra
-
-    from diffseg.drivers.cli import run_cli
-
-    config_dir = str(Path(__file__).resolve().parents[2] / "experiments")
-
-    @hydra.main(version_base="1.3", config_path=config_dir, config_name="predict")
-    def _main(cfg: DictConfig) -> None:
-        run_cli(predict, cfg)
-
-    _main()

@@ -1,12 +1,12 @@
 """Refine any model's masks with a SegRefiner checkpoint (scripts/refine.py).
 
     python scripts/refine.py ckpt=RUN/checkpoints/best.ckpt images=DIR coarse=DIR out=DIR \
-        [masks=DIR] [steps=K] [local=true] [match=coarse] [coarse_threshold=128]
+        [masks=DIR] [steps=K] [local=false] [match=coarse] [coarse_threshold=128]
 
 Images and coarse masks (and ground-truth masks) are paired by file stem; every missing partner is
 listed in one error. Each image is normalised as in training and refined by the model's own
-predictor (K-step refinement; global-then-local for images larger than the training size with
-local=true). Writes DIR_OUT/<stem>.png (0/255) and, with masks=, prints coarse vs refined IoU
+predictor (K-step refinement; global-then-local for images larger than the training size unless
+local=false, with the number of local patches per image reported). Writes DIR_OUT/<stem>.png (0/255) and, with masks=, prints coarse vs refined IoU
 (pooled and mean), mBA and boundary F, and writes DIR_OUT/refine_metrics.json.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from diffseg.utils.outputs import save_prediction_file, write_json
 log = logging.getLogger("diffseg")
 
 #: table columns: (metric key, header)
-COLUMNS = (("iou_pooled", "IoU (pooled)"), ("iou", "IoU (mean)"), ("mba", "mBA"), ("boundary_f", "boundary F"))
+COLUMNS = (("iou_pooled", "IoU (pooled)"), ("iou", "IoU (mean)"), ("mba", "mBA"), ("fbound", "FBound"))
 MATCH = ("both", "coarse")
 
 
@@ -171,12 +171,15 @@ def refine(cfg: DictConfig) -> dict[str, Any]:
                                     ensure_channel_first=True)
     threshold = cfg.get("coarse_threshold")
     records: dict[str, list[dict]] = {}
+    patches: list[int] = []  # local patches per image (global-then-local images only)
     regions = {"foreground": [1]}
     for i, case in enumerate(cases):
         data = pipeline({k: v for k, v in case.items() if k != "coarse"})
         coarse = binarise_coarse(load_coarse({"coarse": case["coarse"]})["coarse"], case["coarse"], threshold)
         image = data["image"].as_tensor()[None].to(device)
         outputs = model.predict_case(image, case["case_id"], {"coarse": coarse.to(device)})
+        if model.last_local_patches is not None:
+            patches.append(model.last_local_patches)
         pred = outputs[FINAL][0].argmax(0).cpu().numpy().astype(np.uint8)
         save_prediction_file(out, case["case_id"], pred, 2)
         if masks is not None:
@@ -189,8 +192,13 @@ def refine(cfg: DictConfig) -> dict[str, Any]:
             log.info("refined %d/%d images", i + 1, len(cases))
     result: dict[str, Any] = {"num_cases": len(cases), "out": str(out), "ckpt": str(cfg.ckpt),
                               "refine": model.refine_settings.as_dict()}
+    if patches:
+        result["local_patches"] = {"per_image": patches, "mean": float(np.mean(patches))}
     print(f"wrote {len(cases)} refined masks to {out}/ (steps={model.refine_settings.steps or model.diffusion.num_steps}, "
           f"local={model.refine_settings.local})")
+    if patches:
+        print(f"global-then-local on {len(patches)} image(s): {np.mean(patches):.1f} local patches per image "
+              f"(min {min(patches)}, max {max(patches)})")
     if masks is not None:
         metrics = {name: aggregate(recs) for name, recs in records.items()}
         result.update(metrics)

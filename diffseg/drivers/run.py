@@ -18,23 +18,20 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import diffseg.drivers.cli  # noqa: F401 - registers the config resolvers (${sum:...})
 from diffseg.data.datamodule import SegDataModule
+from diffseg.data.resumable import RNGStateInCheckpoint
 from diffseg.metrics.scoring import scalar_view
-from diffseg.utils.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint, FinalCheckpoint
+from diffseg.utils.checkpoint import AtomicCheckpointIO, LastCheckpointOnInterrupt
 from diffseg.utils.errors import ConfigError
 from diffseg.utils.outputs import atomic_write_text, write_json
 
 log = logging.getLogger("diffseg")
 
 DATA_INFO_KEYS = ("spatial_dims", "in_channels", "num_classes", "class_names", "regions")
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and \
-        int(os.environ.get("NODE_RANK", "0")) == 0
 
 
 def check_data_root(cfg: DictConfig) -> None:
@@ -65,25 +62,30 @@ def build_datamodule(cfg: DictConfig) -> SegDataModule:
 
 
 def build_model(cfg: DictConfig) -> L.LightningModule:
+    """``cfg.model`` instantiated with its networks, optimiser and schedule left as configs (the model
+    builds them), so that they and the resolved run config (``run_config``) are the model's saved
+    hyper-parameters: ``Model.load_from_checkpoint(ckpt)`` rebuilds it from a checkpoint alone."""
     for key in ("spatial_dims", "in_channels", "num_classes"):
         if cfg.data.get(key) is None:
             raise ConfigError(f"data.{key} is unknown: build the datamodule first (diffseg.drivers.run.build_datamodule)")
-    return instantiate(cfg.model, _convert_="all")
+    return instantiate(OmegaConf.to_container(cfg.model, resolve=True), _recursive_=False, _convert_="all",
+                       run_config=OmegaConf.to_container(cfg, resolve=True))
+
+
+WANDB_ID_FILE = ".wandb_id"
 
 
 def _wandb_id(out_dir: Path, resume: bool) -> str:
-    """One W&B run per output directory: a resumed run continues the same W&B run."""
-    path = out_dir / ".wandb_id"
+    """One W&B run per output directory: a resumed run continues the same W&B run (its id is kept in
+    DIR/.wandb_id, written by ``write_run_files``)."""
+    path = out_dir / WANDB_ID_FILE
     if resume and path.is_file():
         return path.read_text().strip()
     import secrets
 
     # a `wandb agent` (W&B sweep) assigns the run id through WANDB_RUN_ID: keep it, or the run
     # would leave its sweep; otherwise a new id (8 lowercase alphanumerics, as W&B's own)
-    run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
-    if is_rank_zero():
-        atomic_write_text(path, run_id)
-    return run_id
+    return os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
 
 
 def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
@@ -110,7 +112,8 @@ def build_callbacks(cfg: DictConfig, out_dir: Path, loggers: list) -> list:
             log.info("callbacks.%s: no logger is configured, so the learning rate is not logged", name)
             continue
         callbacks.append(callback)
-    return callbacks + [FinalCheckpoint(out_dir / "checkpoints" / "last.ckpt")]
+    # resuming reproduces the uninterrupted run: the global RNG states travel in every checkpoint
+    return callbacks + [RNGStateInCheckpoint(), LastCheckpointOnInterrupt(out_dir / "checkpoints")]
 
 
 def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
@@ -136,17 +139,21 @@ def optimized_value(trainer: L.Trainer, metric: str) -> float:
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, *, loggers: list | None = None, training: bool = True) -> L.Trainer:
-    callbacks: list = [ConfigInCheckpoint(cfg)]
-    if training:
-        callbacks += build_callbacks(cfg, out_dir, loggers or [])
+    """The Trainer of ``cfg.trainer``. Once it is built, Lightning's ``rank_zero_only.rank`` is this
+    process's global rank (also on nodes > 0 of a multi-node run), which the writers here rely on."""
+    callbacks = build_callbacks(cfg, out_dir, loggers or []) if training else []
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False,
                        plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir), _convert_="all")
 
 
 def write_test_outputs(model, out_dir: Path) -> dict[str, float]:
     metrics = {k: float(v) for k, v in sorted(model.test_results.items())}
-    if not is_rank_zero():
-        return metrics
+    _write_test_files(model, out_dir, metrics)
+    return metrics
+
+
+@rank_zero_only
+def _write_test_files(model, out_dir: Path, metrics: dict[str, float]) -> None:
     write_json(out_dir / "metrics.json", metrics)
     rows = [{"output": r["_output"], **scalar_view(r)} for r in model.test_records]
     if rows:
@@ -156,7 +163,6 @@ def write_test_outputs(model, out_dir: Path) -> dict[str, float]:
             writer = csv.DictWriter(handle, fieldnames=keys, restval="")
             writer.writeheader()
             writer.writerows(sorted(rows, key=lambda r: (r["output"], r["case_id"])))
-    return metrics
 
 
 def peak_memory_mb(device: torch.device | None = None) -> tuple[float, str]:
@@ -182,8 +188,7 @@ def write_run_info(model, out_dir: Path, train_seconds: float | None = None) -> 
         "peak_memory_kind": memory_kind,
         "device": str(model.device),
     }
-    if is_rank_zero():
-        write_json(out_dir / "run_info.json", info)
+    rank_zero_only(write_json)(out_dir / "run_info.json", info)
     return info
 
 
@@ -192,6 +197,19 @@ def format_table(metrics: dict[str, float], title: str = "test metrics (best che
     lines = [title, "-" * (width + 12)]
     lines += [f"{k:<{width}}  {v:>10.4f}" for k, v in metrics.items()]
     return "\n".join(lines)
+
+
+@rank_zero_only
+def write_run_files(cfg: DictConfig, dm: SegDataModule, out_dir: Path, loggers: list) -> None:
+    """DIR/config.yaml, splits.json and the W&B run id (.wandb_id), by global rank 0 (call it once the
+    Trainer is built)."""
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    dm.write_splits(out_dir)
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            atomic_write_text(out_dir / WANDB_ID_FILE, str(logger.version))  # the id, without starting the run
 
 
 def fit(cfg: DictConfig) -> dict[str, float]:
@@ -210,9 +228,6 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     if cfg.check_data != "off":
         dm.check(fast=cfg.check_data == "fast")
     model = build_model(cfg)
-    if is_rank_zero():
-        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        dm.write_splits(out_dir)
 
     last = out_dir / "checkpoints" / "last.ckpt"
     ckpt_path = None
@@ -227,6 +242,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(cfg, out_dir, loggers=loggers)
+    write_run_files(cfg, dm, out_dir, loggers)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - start
@@ -238,7 +254,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
     metrics = write_test_outputs(model, out_dir)
     write_run_info(model, out_dir, train_seconds)
-    if is_rank_zero() and trainer.is_global_zero:
+    if trainer.is_global_zero:
         print(format_table(metrics, f"test metrics ({Path(test_ckpt).name if test_ckpt else 'final weights'})"))
     for logger in loggers:
         if hasattr(logger, "experiment") and hasattr(logger, "finalize"):
@@ -247,19 +263,23 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
 
 def load_model(ckpt_path: str | os.PathLike, overrides: DictConfig | dict | None = None):
-    """(model, run config) rebuilt from a checkpoint alone; ``overrides`` are merged into its config
-    (e.g. other sampling steps, another data root) before the model is built."""
-    from diffseg.utils.checkpoint import read_checkpoint
+    """(model, run config) from a checkpoint alone, the Lightning way (``Model.load_from_checkpoint``);
+    ``overrides`` are merged into the stored run config (e.g. other sampling steps, another data root)
+    and its model part replaces the saved hyper-parameters."""
+    from hydra.utils import get_class
 
-    ckpt, cfg = read_checkpoint(ckpt_path)
+    from diffseg.utils.checkpoint import read_checkpoint, resolve_checkpoint
+
+    _, cfg = read_checkpoint(ckpt_path)
     if overrides:
         cfg = OmegaConf.merge(cfg, overrides)
-    model = instantiate(cfg.model, _convert_="all")
-    state = ckpt["state_dict"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("diffusion")]:
-        raise ConfigError(f"ckpt={ckpt_path}: weights do not fit the model (missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]})")
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    model_class = get_class(model_kwargs.pop("_target_"))
+    try:
+        model = model_class.load_from_checkpoint(resolve_checkpoint(ckpt_path), map_location="cpu",
+                                                 run_config=OmegaConf.to_container(cfg, resolve=True), **model_kwargs)
+    except RuntimeError as err:  # load_state_dict: missing / unexpected / mis-shaped weights
+        raise ConfigError(f"ckpt={ckpt_path}: weights do not fit the model ({err})") from err
     return model, cfg
 
 
@@ -278,7 +298,7 @@ def test_checkpoint(cfg: DictConfig, overrides: dict | DictConfig, out_dir: Path
     trainer.test(model, datamodule=dm, verbose=False)
     metrics = write_test_outputs(model, out_dir)
     write_run_info(model, out_dir)
-    if is_rank_zero() and trainer.is_global_zero:
+    if trainer.is_global_zero:
         print(format_table(metrics, f"test metrics ({Path(cfg.ckpt).name})"))
     return metrics, model.test_seconds_per_case
 
@@ -296,7 +316,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics, _ = test_checkpoint(cfg, overrides, out_dir)
         return metrics
     rows, columns, plots = sampling_sweep(cfg, lambda ov, d: test_checkpoint(cfg, ov, d))
-    if is_rank_zero():
+    if rank_zero_only.rank == 0:
         log_sweep(build_loggers(cfg, out_dir), rows, columns, plots)
         print((out_dir / "sweep.md").read_text())
     return {f"steps={r['steps']},samples={r['samples']}": r for r in rows}

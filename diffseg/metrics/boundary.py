@@ -1,9 +1,9 @@
-"""Boundary metrics for one 2D binary mask pair: mean boundary accuracy (mBA) and boundary F.
+"""Boundary metrics for one 2D binary mask pair: mean boundary accuracy (mBA, CascadePSP/SegRefiner) and
+SegDiff's FBound (docs/methods.md §2, §5).
 
 Both take (H, W) masks (bool, or numbers all 0/1) on any device and return a python float; the
-morphology runs in numpy/scipy on the CPU. The image border is never a boundary: a mask that
-touches the edge of the image has no boundary along that edge (OpenCV's default border handling,
-which the reference mBA code relies on).
+morphology runs in numpy/scipy on the CPU. For mBA the image border is never a boundary (OpenCV's default
+border handling, which the reference mBA code relies on); FBound's seg2bmap has its own border rule.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from diffseg.metrics.overlap import as_binary_mask
 
-__all__ = ["ellipse_kernel", "mba_radii", "mba", "inner_boundary", "boundary_f"]
+__all__ = ["ellipse_kernel", "mba_radii", "mba", "seg2bmap", "disk", "fbound"]
 
 
 def ellipse_kernel(radius: int) -> np.ndarray:
@@ -88,33 +88,52 @@ def mba(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(np.mean(accs))
 
 
-def inner_boundary(mask: np.ndarray) -> np.ndarray:
-    """1-px inner boundary: mask minus its erosion by the 3x3 cross (outside the image counts as mask)."""
-    return mask & ~ndimage.binary_erosion(mask, border_value=1)
+def seg2bmap(mask: np.ndarray) -> np.ndarray:
+    """1-px boundary map of a binary mask, as the DAVIS ``seg2bmap`` that SegDiff's metrics use: a pixel is
+    a boundary pixel when it differs from its right (e), lower (s) or lower-right (se) neighbour; in the
+    last row only the right neighbour counts, in the last column only the lower one, and the bottom-right
+    pixel is never a boundary."""
+    seg = np.asarray(mask, dtype=bool)
+    e, s, se = np.zeros_like(seg), np.zeros_like(seg), np.zeros_like(seg)
+    e[:, :-1] = seg[:, 1:]
+    s[:-1, :] = seg[1:, :]
+    se[:-1, :-1] = seg[1:, 1:]
+    b = (seg ^ e) | (seg ^ s) | (seg ^ se)
+    b[-1, :] = seg[-1, :] ^ e[-1, :]
+    b[:, -1] = seg[:, -1] ^ s[:, -1]
+    b[-1, -1] = False
+    return b
 
 
-def boundary_f(pred: torch.Tensor, target: torch.Tensor, tolerances: Sequence[float] = (1, 2, 3, 4, 5)) -> float:
-    """Boundary F-measure averaged over pixel tolerances (SegDiff's FBound, tolerances 1..5 px).
+def disk(radius: int) -> np.ndarray:
+    """Bool (2r+1, 2r+1) disk x² + y² <= r² (``skimage.morphology.disk``)."""
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return xx**2 + yy**2 <= radius**2
 
-    Boundaries are the 1-px inner boundaries (:func:`inner_boundary`). For each tolerance d:
-    precision = fraction of pred boundary pixels within Euclidean distance <= d of a target boundary
-    pixel, recall = the same from target to pred, F = 2PR / (P + R) (0 when P + R = 0).
-    A boundary is empty only when the mask is constant (all 0 or all 1). Both boundaries empty ->
-    F = 1 if pred == target (both all 0, or both all 1), else 0; exactly one empty -> F = 0.
+
+def fbound(pred: torch.Tensor, target: torch.Tensor, radii: Sequence[int] = (1, 2, 3, 4, 5)) -> float:
+    """SegDiff's boundary F-measure (FBound), averaged over the disk radii d = 1..5 px.
+
+    For each d (the reference's ``db_eval_boundary``): the boundaries are :func:`seg2bmap` of each mask;
+    each is dilated by :func:`disk` (d) (outside the image counts as background); precision = predicted
+    boundary pixels inside the dilated true boundary / predicted boundary pixels, recall = true boundary
+    pixels inside the dilated predicted boundary / true boundary pixels, F = 2PR/(P + R) (0 when P + R = 0).
+    Empty boundaries as the reference: both empty P = R = 1 (F = 1, whatever the masks); only the predicted
+    one empty P = 1, R = 0; only the true one empty P = 0, R = 1 (F = 0 for either).
     """
-    tols = [float(d) for d in tolerances]
-    if not tols or any(not np.isfinite(d) or d < 0 for d in tols):
-        raise ValueError(f"tolerances: expected a non-empty list of non-negative distances, got {tolerances!r}")
+    radii = list(radii)
+    if not radii or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0 for d in radii):
+        raise ValueError(f"radii: expected a non-empty list of non-negative ints, got {radii!r}")
     p, t = _pair(pred, target)
-    bp, bt = inner_boundary(p), inner_boundary(t)
-    if not bp.any() and not bt.any():
-        return float(np.array_equal(p, t))
-    if not bp.any() or not bt.any():
-        return 0.0
-    dist_to_t = ndimage.distance_transform_edt(~bt)[bp]  # pred boundary pixel -> nearest target boundary
-    dist_to_p = ndimage.distance_transform_edt(~bp)[bt]
+    bp, bt = seg2bmap(p), seg2bmap(t)
+    n_p, n_t = int(bp.sum()), int(bt.sum())
     fs = []
-    for d in tols:
-        prec, rec = (dist_to_t <= d).mean(), (dist_to_p <= d).mean()
-        fs.append(0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec))
+    for d in radii:
+        if n_p == 0 or n_t == 0:
+            precision, recall = (1.0 if n_p == 0 else 0.0), (1.0 if n_t == 0 else 0.0)
+        else:
+            k = disk(int(d))
+            precision = (bp & ndimage.binary_dilation(bt, k)).sum() / n_p
+            recall = (bt & ndimage.binary_dilation(bp, k)).sum() / n_t
+        fs.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
     return float(np.mean(fs))

@@ -116,3 +116,14 @@ def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.
     inter = (pred & target).flatten(1).sum(1, dtype=torch.float64)
     union = (pred | target).flatten(1).sum(1, dtype=torch.float64)
     return inter, union
+
+
+def wcov(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """SegDiff's WCov as its reference code computes it (docs/methods.md §2): the ratio of the smaller to the
+    larger foreground area, min(|P|, |G|) / max(|P|, |G|) (not the instance "weighted coverage" of other
+    papers). Both masks empty: 1 (the areas agree; the reference divides 0 by 0 there)."""
+    p, t = as_binary_mask(pred, "pred"), as_binary_mask(target, "target")
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(p.shape)} and {tuple(t.shape)}")
+    a, b = int(p.sum()), int(t.sum())
+    return 1.0 if max(a, b) == 0 else min(a, b) / max(a, b)

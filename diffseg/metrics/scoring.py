@@ -7,7 +7,7 @@ ranks, de-duplicated by case id, and aggregated identically on every rank.
 Metric names: ``dice``, ``iou``, ``hd95``, ``nsd`` (mean over the evaluation regions, e.g.
 WT/TC/ET or each foreground class) and ``dice/<region>`` etc.; for binary tasks also
 ``iou_pooled`` (sum I / sum U over the data set, SegRefiner's convention) and ``ece``
-(15 equal-width bins over all pixels); for 2D binary tasks ``mba`` and ``boundary_f``.
+(15 equal-width bins over all pixels); for 2D binary tasks ``mba`` and SegDiff's ``fbound`` and ``wcov`` (docs/methods.md §2).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from diffseg.metrics.boundary import boundary_f, mba
+from diffseg.metrics.boundary import fbound, mba
 from diffseg.metrics.calibration import calibration_bins, ece_from_bins
-from diffseg.metrics.overlap import dice_iou, intersection_union, region_masks
+from diffseg.metrics.overlap import dice_iou, intersection_union, region_masks, wcov
 from diffseg.metrics.surface import hd95, nsd
 
 POOLED_KEYS = ("_I", "_U", "_ece_bins")
@@ -64,7 +64,8 @@ def score_case(
         if probs.ndim == 3:
             p, t = pred[0].cpu().numpy(), true[0].cpu().numpy()
             rec["mba"] = float(mba(p, t))
-            rec["boundary_f"] = float(boundary_f(p, t))
+            rec["fbound"] = fbound(p, t)
+            rec["wcov"] = wcov(p, t)
     return rec
 
 

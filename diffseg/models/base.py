@@ -5,7 +5,10 @@ turned into class probabilities). Everything else lives here once:
 - validation/test run whole images/volumes through ``inference.window.sliding_window_predict``,
   with a generator seeded per case (diffusion models are reproducible);
 - every named output of the predictor is scored (``score_case``); the ``final`` output gives the
-  reported metrics, others are logged under their prefix (``step/3/dice``, ``samples/4/iou``, ...);
+  reported metrics, others are logged under their prefix (``step/3/dice``, ``samples/4/iou``, ...).
+  Validation predicts and stitches the final output only (``curves`` is False: model selection needs
+  nothing else, and a full-volume prediction then costs its sampling steps); test and evaluate sweeps
+  compute the per-step / per-sample-count curves too;
 - per-case records are gathered over DDP ranks and de-duplicated by case id, so a ``ddp`` run
   reports exactly what a single-process run reports.
 """
@@ -34,15 +37,40 @@ from diffseg.utils.outputs import save_panel_grid
 
 FINAL = "final"
 
+
+def from_config(value: Any) -> Any:
+    """A Hydra config (a mapping with ``_target_``: how networks, optimisers and schedules are stored in
+    a model's hyper-parameters) instantiated; an object (a network built by the caller) as it is."""
+    if isinstance(value, Mapping) and "_target_" in value:
+        from hydra.utils import instantiate
+
+        return instantiate(value, _convert_="all")
+    return value
+
 # metrics are gathered over ranks by hand (each case once), so Lightning's sync_dist advice does not apply
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 class SegmentationModule(L.LightningModule):
-    """Base class. Subclasses implement ``training_loss(batch)`` and ``predict_window(image)``."""
+    """Base class. Subclasses implement ``training_loss(batch)`` and ``predict_window(image)``.
+
+    The init arguments are the model's hyper-parameters (``self.hparams``, saved in every checkpoint):
+    ``net``, ``optimizer`` and ``lr_schedule`` are Hydra configs (``{_target_: ...}``) built here, so
+    ``Model.load_from_checkpoint(path)`` rebuilds the trained model from the checkpoint alone.
+    ``run_config`` is the resolved run config (data, trainer, ...) stored with them, from which
+    scripts/evaluate.py rebuilds the data (``diffseg.utils.checkpoint.read_checkpoint``). Subclasses
+    must not rebind their argument names before ``super().__init__`` (Lightning reads them from the
+    frames), e.g. ``network = from_config(net)``.
+    """
 
     #: prefix under which each named predictor output is logged; FINAL is the reported one
     output_prefixes: Mapping[str, str] = {FINAL: ""}
+    #: whether ``predict_window`` returns the outputs besides FINAL (curves over steps / sample counts):
+    #: False during validation (set by ``_evaluate``), True at test and for direct calls
+    curves: bool = True
+    #: whether sampling models also return the uncertainty maps over samples ("std", "entropy"): False
+    #: during validation, True at test, in scripts/predict.py and for direct calls
+    spread: bool = True
 
     def __init__(
         self,
@@ -64,8 +92,13 @@ class SegmentationModule(L.LightningModule):
         seed: int = 0,
         compile: bool = False,
         monitor: str = "dice",
+        run_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        # hparams = the init arguments of this class and its subclass (the model config); not sent to the
+        # loggers, which receive the whole run config from diffseg.drivers.run.fit
+        self.save_hyperparameters(logger=False)
+        net, optimizer, lr_schedule = from_config(net), from_config(optimizer), from_config(lr_schedule)
         if surface_metrics not in ("final", "all", "none"):
             raise ValueError(f"model.surface_metrics: expected final | all | none, got {surface_metrics!r}")
         self.net = torch.compile(net) if compile else net
@@ -99,6 +132,11 @@ class SegmentationModule(L.LightningModule):
     def predict_window(self, image: torch.Tensor, batch: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
         """Class probabilities (B, C, *S) for a window, as ``{FINAL: probs, other outputs...}``."""
         raise NotImplementedError
+
+    @property
+    def evaluated_outputs(self) -> Mapping[str, str]:
+        """The outputs ``predict_window`` returns now: all of ``output_prefixes``, or FINAL alone (validation)."""
+        return self.output_prefixes if self.curves else {FINAL: ""}
 
     def case_generator(self) -> torch.Generator:
         """The generator of the case being predicted (seeded from the case id)."""
@@ -155,6 +193,7 @@ class SegmentationModule(L.LightningModule):
         """Whole image/volume -> dict of stitched outputs (1, C, *S). Noise seeded per case."""
         self.seed_case(case_id, image.device)
         fn = partial(self.predict_window, batch=batch)
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image  # no metadata copy in every op
         return sliding_window_predict(fn, image, self.roi_size, overlap=self.overlap,
                                       sw_batch_size=self.sw_batch_size, progress=self.window_progress)
 
@@ -173,30 +212,39 @@ class SegmentationModule(L.LightningModule):
         d = self.spatial_dims
         return tuple(float(v) for v in affine[:d, :d].norm(dim=0))
 
-    def timed_predict_case(self, batch) -> tuple[str, dict[str, torch.Tensor], float]:
-        """(case id, outputs of ``predict_case``, seconds) for a batch of one whole image/volume."""
+    def timed_predict_case(self, batch, *, curves: bool, spread: bool):
+        """(case id, outputs of ``predict_case``, the names evaluated, seconds) for a batch of one whole
+        image/volume, with ``curves`` and ``spread`` set for this case."""
         image = batch["image"]
         if image.shape[0] != 1:
             raise ValueError("evaluation runs one whole image/volume per batch (batch_size=1)")
         case_id = str(batch["case_id"][0])
         start = time.perf_counter()
-        outputs = self.predict_case(image, case_id, batch)
+        saved = self.curves, self.spread
+        self.curves, self.spread = curves, spread
+        try:
+            outputs = self.predict_case(image, case_id, batch)
+            evaluated = dict(self.evaluated_outputs)
+        finally:
+            self.curves, self.spread = saved
         if image.device.type == "cuda":
             torch.cuda.synchronize(image.device)  # once per case, for the timing (not in the sampling loop)
-        return case_id, outputs, time.perf_counter() - start
+        return case_id, outputs, evaluated, time.perf_counter() - start
 
     def predict_step(self, batch, batch_idx):
-        """scripts/predict.py: a new case without label; the files are written by its PredictionWriter."""
-        case_id, outputs, seconds = self.timed_predict_case(batch)
+        """scripts/predict.py: a new case without label, the prediction and the uncertainty maps only; the
+        files are written by its PredictionWriter (diffseg.drivers.predict)."""
+        case_id, outputs, _, seconds = self.timed_predict_case(batch, curves=False, spread=True)
         return {"case_id": case_id, "outputs": outputs, "seconds": seconds}
 
     def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
         image, label = batch["image"], batch["label"]
-        case_id, outputs, seconds = self.timed_predict_case(batch)
+        test = stage == "test"
+        case_id, outputs, evaluated, seconds = self.timed_predict_case(batch, curves=test, spread=test)
         self._seconds[stage].append((case_id, seconds))
         spacing = self._spacing(image)
         target = label[0, 0].long()
-        for name, prefix in self.output_prefixes.items():
+        for name in evaluated:
             if name not in outputs:
                 continue
             surface = self.surface_metrics == "all" or (self.surface_metrics == "final" and name == FINAL)
@@ -211,9 +259,10 @@ class SegmentationModule(L.LightningModule):
             self.save_case_outputs(case_id, outputs, image)
 
     def panel(self, image, target, outputs) -> tuple:
-        """Middle slice (3D: along the last axis; the slice with most ground truth, else of the
-        prediction) of image channel 0, ground truth (None for new data), prediction, and the
-        uncertainty maps of sampling models ({"std": ..., "entropy": ...})."""
+        """Image channel 0, ground truth (None for new data), prediction and the uncertainty maps of sampling
+        models ({"std": ..., "entropy": ...}) as (rows, columns) to draw. 2D: as loaded, which is the file's
+        orientation (PNG rows are the first axis). 3D: the axial slice (along the last axis) with the most
+        foreground (of the ground truth, else of the prediction), drawn with the second axis down the rows."""
         img = image[0, 0].float().cpu().numpy()
         pred = outputs[FINAL][0].argmax(0).cpu().numpy().astype(np.uint8)
         gt = None if target is None else target.cpu().numpy().astype(np.uint8)
@@ -221,9 +270,9 @@ class SegmentationModule(L.LightningModule):
         if self.spatial_dims == 3:
             ref = gt if gt is not None and gt.any() else pred
             z = int(np.argmax((ref > 0).sum(axis=(0, 1)))) if ref.any() else ref.shape[-1] // 2
-            img, pred = img[..., z], pred[..., z]
-            gt = None if gt is None else gt[..., z]
-            maps = {k: v[..., z] for k, v in maps.items()}
+            img, pred = img[..., z].T, pred[..., z].T
+            gt = None if gt is None else gt[..., z].T
+            maps = {k: v[..., z].T for k, v in maps.items()}
         return img, gt, pred, maps
 
     def case_writer(self, directory: str | Path) -> CaseWriter:

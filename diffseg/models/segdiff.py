@@ -15,7 +15,10 @@
   means over 1..N samples are all returned (``samples/k``), the mean of all N being the final output
   (threshold 0.5 = argmax). ``std`` and ``entropy`` (B, 1, *S) are the per-pixel spread over samples
   (``inference.samples.spread_maps``), saved as uncertainty maps next to the predictions.
-- EMA of the weights (``ema_decay``) kept in the module, used for validation and test (see below).
+- EMA of the weights (``ema_decay``) kept in the module, used for validation and test (see below), with
+  the decay ramped up over the first updates (``ramped_ema_decay``).
+- ``prediction``: what the network predicts, ε (the paper) or x0 / v (for diagnosis; docs/methods.md §2);
+  the loss is the squared error on that target.
 """
 from __future__ import annotations
 
@@ -23,12 +26,12 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
-from diffseg.diffusion.gaussian import SAMPLERS, GaussianDiffusion
+from diffseg.diffusion.gaussian import PREDICTIONS, SAMPLERS, GaussianDiffusion
 from diffseg.diffusion.schedules import beta_schedule
 from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples, spread_maps
-from diffseg.models.base import FINAL, SegmentationModule
+from diffseg.models.base import FINAL, SegmentationModule, from_config
 
 STD = "std"  # the uncertainty map over samples (with "entropy", inference.samples.spread_maps)
 SAMPLING_DEFAULTS = {"num_samples": 1, "steps": None, "sampler": "ddpm", "eta": 0.0}
@@ -42,6 +45,28 @@ def stretched_linear_betas(num_steps: int) -> torch.Tensor:
         raise ValueError(f"model.num_steps: expected an int > 20 (β_end = 20/T must stay below 1), got {num_steps!r}")
     scale = 1000.0 / num_steps
     return beta_schedule("linear", num_steps, scale * 1e-4, scale * 0.02)
+
+
+def ramped_ema_decay(decay: float, num_averaged: int) -> float:
+    """The EMA decay of the update that follows ``num_averaged`` earlier ones: min(decay, (1 + n)/(10 + n))
+    (TensorFlow's ExponentialMovingAverage with num_updates). The first update (n = 0) copies the weights
+    (``AveragedModel``); then the decay is 2/11, 3/12, ... until it reaches ``decay``, so a short run
+    averages trained weights instead of keeping a fixed share on the initial ones (0.9999 over 10k steps
+    leaves 37% of the weight on the first step's weights)."""
+    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged))
+
+
+def ramped_ema_update(decay: float):
+    """``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel``: ema = d·ema + (1 - d)·w with
+    d = ramped_ema_decay(decay, n_averaged). ``n_averaged`` is a buffer of the AveragedModel, so the ramp
+    resumes exactly from a checkpoint."""
+
+    @torch.no_grad()
+    def update(ema_params, current_params, num_averaged):
+        d = ramped_ema_decay(decay, int(num_averaged))
+        torch._foreach_lerp_(ema_params, current_params, 1.0 - d)  # ema + (1 - d)·(w - ema)
+
+    return update
 
 
 def check_sampling(sampling: Mapping[str, Any] | None, num_steps: int) -> dict[str, Any]:
@@ -75,7 +100,9 @@ class SegDiff(SegmentationModule):
         num_steps: T, the number of training diffusion steps.
         variance: reverse-process variance, "fixed_large" (β_t, the paper) or "fixed_small".
         clip_x0: clamp x̂0 to [-1, 1] while sampling.
-        ema_decay: decay of the exponential moving average of the weights; null = no EMA.
+        ema_decay: the largest decay of the exponential moving average of the weights (ramped up to it,
+            ``ramped_ema_decay``); null = no EMA.
+        prediction: the network's output and the loss target: "epsilon" (the paper), "x0" or "v".
         sampling: {num_samples, steps (null = T), sampler (ddpm | ddim), eta (ddim only)}.
 
     EMA: an ``AveragedModel`` copy of ``net`` updated after every optimiser step and used by
@@ -97,17 +124,20 @@ class SegDiff(SegmentationModule):
         clip_x0: bool = True,
         ema_decay: float | None = 0.9999,
         sampling: Mapping[str, Any] | None = None,
+        prediction: str = "epsilon",
         **kwargs,
     ):
-        super().__init__(net=net, **kwargs)
+        super().__init__(net=from_config(net), **kwargs)
         self.mask_channels = 1 if self.num_classes == 2 else self.num_classes
-        net_mask = getattr(net, "mask_channels", self.mask_channels)
+        net_mask = getattr(self._raw_net, "mask_channels", self.mask_channels)
         if net_mask != self.mask_channels:
             raise ValueError(
                 f"model.net.mask_channels: expected {self.mask_channels} for num_classes={self.num_classes} "
                 f"(1 for a binary mask, one channel per class otherwise), got {net_mask}")
         self.sampling = check_sampling(sampling, num_steps)
-        self.diffusion = GaussianDiffusion(stretched_linear_betas(num_steps), prediction="epsilon",
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"model.prediction: expected one of {list(PREDICTIONS)}, got {prediction!r}")
+        self.diffusion = GaussianDiffusion(stretched_linear_betas(num_steps), prediction=prediction,
                                            variance=variance, clip_x0=clip_x0)
         steps = self.sampling["steps"]
         self.sampler = self.diffusion if steps in (None, num_steps) else self.diffusion.respace(steps, exact=False)
@@ -115,10 +145,9 @@ class SegDiff(SegmentationModule):
         if ema_decay is not None:
             if not 0.0 < float(ema_decay) < 1.0:
                 raise ValueError(f"model.ema_decay: expected null or a number in (0, 1), got {ema_decay!r}")
-            self.ema = AveragedModel(self._raw_net, multi_avg_fn=get_ema_multi_avg_fn(float(ema_decay)),
+            self.ema = AveragedModel(self._raw_net, multi_avg_fn=ramped_ema_update(float(ema_decay)),
                                      use_buffers=True)
             self.ema.requires_grad_(False)
-        self._ema_step = 0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -169,10 +198,12 @@ class SegDiff(SegmentationModule):
     # ------------------------------------------------------------------ training
     def diffusion_loss(self, x0: torch.Tensor, image: torch.Tensor, t: torch.Tensor,
                        noise: torch.Tensor) -> torch.Tensor:
-        """mean over all elements of (ε - eps_theta(x_t, I, t))², x_t = q_sample(x0, t, ε) (DDPM eq. 14)."""
+        """mean over all elements of (ε - eps_theta(x_t, I, t))², x_t = q_sample(x0, t, ε) (DDPM eq. 14);
+        with ``prediction`` x0 or v, the squared error on that target instead."""
         x_t = self.diffusion.q_sample(x0, t, noise)
-        eps_hat = self.net(x_t, image, t.float())
-        return F.mse_loss(eps_hat.float(), noise.float())
+        output = self.net(x_t, image, t)
+        target = self.diffusion.training_target(x0, noise, t)
+        return F.mse_loss(output.float(), target.float())
 
     def training_loss(self, batch):
         image = self._plain(batch["image"])
@@ -181,11 +212,14 @@ class SegDiff(SegmentationModule):
         noise = torch.randn_like(x0)
         return self.diffusion_loss(x0, image, t, noise), {}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        # one EMA update per optimiser step (also under gradient accumulation)
-        if self.ema is not None and self.trainer.global_step > self._ema_step:
+    def optimizer_step(self, *args, **kwargs):
+        """The optimiser step, then one EMA update (once per step, also under gradient accumulation). Done
+        here rather than in ``on_train_batch_end``: Lightning runs the callbacks' batch-end hooks (the
+        checkpoint writers) before the module's, so a checkpoint would miss the EMA update of its own step
+        and a run resumed from it would end one update behind the uninterrupted run."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
             self.ema.update_parameters(self._raw_net)
-            self._ema_step = self.trainer.global_step
 
     # ------------------------------------------------------------------ prediction
     def predict_window(self, image, batch=None):
@@ -205,9 +239,12 @@ class SegDiff(SegmentationModule):
             device=image.device, dtype=image.dtype)
         probs = split_samples(self.class_probabilities(x0), n)  # (N, B, C, *S)
         means = prefix_means(probs)
-        outputs = {f"samples/{k + 1}": means[k] for k in range(n)}
-        outputs[FINAL] = means[-1]
         # per-pixel spread of the samples: std (population std; 0 for one sample) mean over the classes (for
         # a binary task exactly the std of the foreground probability), and the entropy of their mean
-        outputs.update(spread_maps(probs))
+        maps = spread_maps(probs) if self.spread else {}
+        if not self.curves:  # validation (no maps) and predict.py: the prediction alone
+            return {FINAL: means[-1], **maps}
+        outputs = {f"samples/{k + 1}": means[k] for k in range(n)}
+        outputs[FINAL] = means[-1]
+        outputs.update(maps)
         return outputs

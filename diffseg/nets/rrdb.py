@@ -41,8 +41,10 @@ class RRDB(nn.Module):
 
 
 class RRDBEncoder(nn.Module):
-    """G(I): conv in -> N RRDBs -> conv (+ long skip from conv in, as in ESRGAN's trunk) -> LeakyReLU(0.2)
-    -> conv out to ``out_channels``. ``num_blocks=0`` leaves the conv stack only. Resolution is preserved."""
+    """G(I), SegDiff's RRDBNet without upsampling: conv in -> N RRDBs -> trunk conv (+ long skip from conv in,
+    as in ESRGAN's trunk) -> HR conv -> LeakyReLU(0.2) -> conv out to ``out_channels``
+    (reference: conv_first, RRDB_trunk, trunk_conv, HRconv, lrelu, conv_last). ``num_blocks=0`` leaves the
+    conv stack only. Resolution is preserved."""
 
     def __init__(
         self,
@@ -61,10 +63,11 @@ class RRDBEncoder(nn.Module):
         self.conv_in = conv_nd(spatial_dims, in_channels, features, 3, padding=1)
         self.trunk = nn.Sequential(*(RRDB(spatial_dims, features, growth) for _ in range(num_blocks)))
         self.trunk_conv = conv_nd(spatial_dims, features, features, 3, padding=1)
+        self.hr_conv = conv_nd(spatial_dims, features, features, 3, padding=1)
         self.act = nn.LeakyReLU(0.2)
         self.conv_out = conv_nd(spatial_dims, features, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fea = self.conv_in(x)
         fea = fea + self.trunk_conv(self.trunk(fea))
-        return self.conv_out(self.act(fea))
+        return self.conv_out(self.act(self.hr_conv(fea)))

@@ -4,10 +4,15 @@
 median wall time and the peak tensor memory above the level before the call:
 ``torch.cuda.max_memory_allocated`` on GPU, the profiler's allocation records on CPU (``CpuPeak``).
 ``model_from_config`` builds a model from the Hydra configs exactly as scripts/fit.py would.
+``in_fresh_process(fn)`` runs a function in a new process (forked from a server that imported diffseg once)
+and returns its result with the process's peak resident memory above its start (Linux); with
+``serve_data_layer`` it measures what the data layer holds (tests/unit/test_data_scale.py).
 """
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -123,3 +128,51 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- resident memory
+def _status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS: resident now, VmHWM: peak resident)."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field} (resident-memory figures need Linux)")
+    return int(match.group(1))
+
+
+def _measured(fn: Callable[..., Any], args: tuple) -> tuple[Any, float]:
+    start = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current RSS
+    result = fn(*args)
+    return result, (_status_kb("VmHWM") - start) / 1024
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` in a new process, returning (result, peak resident MB above the process's start).
+
+    The process is forked from multiprocessing's fork server, which has imported diffseg's data layer
+    once, so the figure holds what ``fn`` allocated and nothing of a previous call (an allocator keeps
+    freed pages, so peaks measured one after the other in one process would hide growth)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["diffseg.utils.benchmark", "diffseg.data.datamodule"])
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(_measured, (fn, args))
+
+
+def serve_data_layer(root: str, splits_file: str, cache: str, cache_dir: str, patch_size: Sequence[int],
+                       samples_per_epoch: int) -> int:
+    """Build a BraTS-layout SegDataModule as fit and test do and serve one training epoch of
+    ``samples_per_epoch`` patches, the validation and the test volumes (in this process, no workers).
+    Run it through ``in_fresh_process`` to read the peak resident memory of the data layer."""
+    from diffseg.data.datamodule import SegDataModule
+    from diffseg.data.formats.brats import BratsSource
+
+    dm = SegDataModule(BratsSource(root), root=root, patch_size=patch_size, batch_size=1,
+                       samples_per_epoch=samples_per_epoch, cache=cache, cache_dir=cache_dir,
+                       splits_file=splits_file, num_workers=0, augment=False)
+    dm.setup("fit")
+    dm.setup("test")
+    served = 0
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        for batch in loader:
+            served += batch["image"].shape[0]
+    return served

@@ -1,7 +1,9 @@
-"""Atomic checkpoints, and rebuilding a model from a checkpoint alone.
+"""Atomic checkpoints, the last checkpoint of an interrupted run, and reading a checkpoint's run config.
 
-Every checkpoint carries the resolved run config (``diffseg_config``), so evaluate.py, refine.py
-and compare.py rebuild exactly the trained model without the user repeating its overrides.
+Every checkpoint carries the model's hyper-parameters (``SegmentationModule.save_hyperparameters``):
+the model config, so ``Model.load_from_checkpoint(path)`` rebuilds the trained model, and the resolved
+run config (``hyper_parameters.run_config``), so evaluate.py, refine.py and compare.py also rebuild its
+data without the user repeating the run's overrides.
 """
 from __future__ import annotations
 
@@ -12,19 +14,27 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_KEY = "diffseg_config"
+HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY  # "hyper_parameters"
+RUN_CONFIG_KEY = "run_config"  # the SegmentationModule argument that holds the resolved run config
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temporary file in the target folder, fsync, then os.replace.
+    """Local files: torch.save into a temporary file in the TARGET folder, fsync, then os.replace.
 
     A run killed at any moment leaves either the previous checkpoint or the new one, never a
-    truncated file."""
+    truncated file. Lightning's own TorchCheckpointIO (an fsspec transaction) stages the file in the
+    system temp folder and ``shutil.move``s it, which is a copy, not an atomic rename, when /tmp and the
+    run directory are on different file systems (a node's local /tmp, outputs on a shared file system:
+    the usual cluster layout). Remote URLs (s3://, ...) go through Lightning's IO unchanged."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -39,35 +49,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.unlink(tmp)
 
 
-class ConfigInCheckpoint(Callback):
-    """Stores the resolved run config in every checkpoint."""
+class LastCheckpointOnInterrupt(OnExceptionCheckpoint):
+    """Lightning's OnExceptionCheckpoint writing ``DIR/last.ckpt``, for interruptions only, and kept.
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = OmegaConf.to_container(cfg, resolve=True)
+    - Stopped by SIGTERM (a cluster's pre-emption, ``kill``) or Ctrl-C: the progress goes to last.ckpt
+      so that ``resume=true`` continues from there. Never after an error (e.g. NaN weights: the last
+      good last.ckpt is kept), where OnExceptionCheckpoint would save on any exception.
+    - At the end of training too: the ``last_checkpoint`` callback saves every ``checkpoint_every``
+      steps only, so a run whose length is not a multiple of it would end with a stale last.ckpt.
+    - The file is not removed at teardown (OnExceptionCheckpoint deletes it there): resuming needs it.
+    """
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        checkpoint[CONFIG_KEY] = self.cfg
-
-
-class FinalCheckpoint(Callback):
-    """Writes ``last.ckpt`` when training ends or is stopped by a signal: ``checkpoint_every`` saves
-    every N steps only, so a run whose max_steps is not a multiple of N would otherwise end with a
-    stale (or no) last.ckpt."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step > 0 and not trainer.interrupted:
-            trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes (atomically)
+    def __init__(self, dirpath: str | os.PathLike):
+        super().__init__(str(dirpath), filename="last")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """Stopped by SIGTERM (a cluster's pre-emption, ``kill``) or Ctrl-C: keep the progress in
-        last.ckpt so that ``resume=true`` continues from here. Never after an error (NaN weights)."""
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
+            super().on_exception(trainer, pl_module, exception)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0 and not trainer.interrupted:
+            trainer.save_checkpoint(self.ckpt_path)  # every rank calls it; rank 0 writes (atomically)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        pass
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -93,6 +100,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, DictConfig]:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001
         raise ConfigError(f"ckpt={path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if CONFIG_KEY not in ckpt:
-        raise ConfigError(f"ckpt={path}: has no diffseg config; was it written by scripts/fit.py?")
-    return ckpt, OmegaConf.create(ckpt[CONFIG_KEY])
+    run_config = (ckpt.get(HPARAMS_KEY) or {}).get(RUN_CONFIG_KEY) if isinstance(ckpt, dict) else None
+    if run_config is None:
+        raise ConfigError(f"ckpt={path}: has no diffseg config (hyper_parameters.run_config); "
+                          "was it written by scripts/fit.py?")
+    return ckpt, OmegaConf.create(run_config)

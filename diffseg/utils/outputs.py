@@ -30,8 +30,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def save_panel_grid(path: str | os.PathLike, panels: Sequence[tuple]) -> Path:
     """One row per case ``(index, case_id, image, ground truth or None, prediction[, maps])``: image,
-    ground truth (left out for new data), prediction and each uncertainty map (``maps``: name -> 2D
-    array, e.g. std and entropy over samples; middle slice for 3D)."""
+    ground truth (left out for new data), prediction and each uncertainty map (``maps``: name -> 2D array,
+    e.g. std and entropy over samples), each drawn as given (row 0 at the top), so a 2D panel looks like its
+    file (diffseg.models.base.SegmentationModule.panel orients 3D slices)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,11 +54,11 @@ def save_panel_grid(path: str | os.PathLike, panels: Sequence[tuple]) -> Path:
             ax.axis("off")
         for ax, (title, arr) in zip(row, columns):
             if title == "image":
-                ax.imshow(arr.T, cmap="gray")
+                ax.imshow(arr, cmap="gray")
             elif title in ("ground truth", "prediction"):
-                ax.imshow(arr.T, cmap="viridis", vmin=0, vmax=vmax)
+                ax.imshow(arr, cmap="viridis", vmin=0, vmax=vmax)
             else:  # an uncertainty map: its own colour scale, with a bar
-                fig.colorbar(ax.imshow(arr.T, cmap="magma", vmin=0), ax=ax, fraction=0.046)
+                fig.colorbar(ax.imshow(arr, cmap="magma", vmin=0), ax=ax, fraction=0.046)
             ax.set_title(f"{case_id}: {title}" if title == "image" else title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

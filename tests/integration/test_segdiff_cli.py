@@ -1,6 +1,6 @@
 """SegDiff end to end through scripts/fit.py (docs/methods.md §2): training beats the untrained model on the
 built-in shapes, and the MoNuSeg experiment runs on any folder of images/masks with the metrics of the
-running mean after 1..N samples (IoU, Dice, mBA, boundary F, ECE) and the saved uncertainty maps."""
+running mean after 1..N samples (IoU, Dice, mBA, FBound, WCov, ECE) and the saved uncertainty maps."""
 from __future__ import annotations
 
 import numpy as np
@@ -55,7 +55,7 @@ def test_monuseg_experiment_on_a_folder(tmp_path, cache_dir):
                f"hydra.run.dir={out}", cache=cache_dir)
     metrics = read_metrics(out)
     for prefix in ["", *(f"samples/{k}/" for k in range(1, NUM_SAMPLES + 1))]:
-        for name in ("iou", "dice", "mba", "boundary_f", "ece"):
+        for name in ("iou", "dice", "mba", "fbound", "wcov", "ece"):
             key = f"test/{prefix}{name}"
             assert key in metrics and np.isfinite(metrics[key]), key
     assert f"test/samples/{NUM_SAMPLES + 1}/iou" not in metrics
@@ -93,7 +93,7 @@ def test_sampling_sweep_rows_equal_separate_runs(trained_dir, tmp_path, cache_di
                    f"+overrides.model.sampling.num_samples={n}", f"hydra.run.dir={single}", cache=cache_dir)
         alone = read_metrics(single)
         row = next(r for r in rows if r["steps"] == "5" and r["samples"] == str(n))
-        for name in ("iou", "dice", "ece", "mba", "boundary_f"):
+        for name in ("iou", "dice", "ece", "mba", "fbound", "wcov"):
             assert float(row[name]) == pytest.approx(alone[f"test/{name}"], abs=1e-4), (n, name)
     table = (out / "sweep.md").read_text()
     assert "| steps | samples | seconds_per_case |" in table and table.count("\n| 50 |") == 3

@@ -72,11 +72,11 @@ def heldout(tmp_path_factory):
 
 def test_fit_refined_beats_coarse(segrefiner_run):
     metrics = json.loads((segrefiner_run / "metrics.json").read_text())
-    for key in ("iou", "iou_pooled", "mba", "boundary_f"):
+    for key in ("iou", "iou_pooled", "mba", "fbound"):
         assert f"test/{key}" in metrics and f"test/coarse_{key}" in metrics
     assert not any(k.startswith("test/global_") for k in metrics)  # images = training size: plain refinement
-    # online coarse masks: IoU in [0.5, 0.8) per image
-    assert 0.5 <= metrics["test/coarse_iou"] < 0.8
+    # online coarse masks as the reference makes them: perturbed until the IoU drops below 0.8, no lower bound
+    assert metrics["test/coarse_iou"] < 0.8
     assert metrics["test/iou_pooled"] > metrics["test/coarse_iou_pooled"] + 0.02, metrics
     # mBA at 64 px uses only radius 1 (the 3-px band at the true boundary): measured refined vs coarse
     # 0.761 / 0.764 / 0.779 / 0.783 vs 0.749 over 4 runs and seeds, hence a smaller margin than for IoU
@@ -120,8 +120,9 @@ def test_refine_without_masks_local_and_missing_pairs(segrefiner_run, heldout, c
         Image.fromarray(threshold_mask(np.asarray(Image.open(path))).astype(np.uint8) * 255).save(coarse / path.name)
     out = tmp_path / "big_refined"
     proc = run(["scripts/refine.py", f"ckpt={ckpt}", f"images={big}/images", f"coarse={coarse}", f"out={out}",
-                "local=true", "steps=4"], cache)
-    assert "local=True" in proc.stdout and "steps=4" in proc.stdout
+                "steps=4"], cache)
+    assert "local=True" in proc.stdout and "steps=4" in proc.stdout  # global-then-local is the default
+    assert "global-then-local on 2 image(s)" in proc.stdout and "local patches per image" in proc.stdout
     assert sorted(p.name for p in out.glob("*.png")) == ["case_000.png", "case_001.png"]
     assert np.asarray(Image.open(out / "case_000.png")).shape == (128, 128)
     assert not (out / "refine_metrics.json").exists()

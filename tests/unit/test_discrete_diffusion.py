@@ -92,8 +92,10 @@ def test_reverse_step_fine_probability_tracks_beta_bar():
         assert m.mean().item() == pytest.approx(d.beta_bar[t - 1].item(), abs=0.01)
 
 
-@pytest.mark.parametrize("num_steps", [None, 5, 1])
-def test_refine_with_oracle_returns_true_mask(num_steps):
+@pytest.mark.parametrize("num_steps,start", [(None, None), (5, None), (1, None), (1, 0), (3, 2)])
+def test_refine_with_oracle_returns_true_mask(num_steps, start):
+    """Steps t = start .. start - n + 1 (default start K-1, n = start + 1), the coarse mask as the state at
+    ``start``; f after the last step as the reference's p_sample: 1 - Π(1 - p_t) with c = 1."""
     d = BinaryRefinementDiffusion()
     g = _gen(5)
     truth = (torch.rand(2, 1, 200, 200, generator=g) > 0.5).float()
@@ -104,17 +106,25 @@ def test_refine_with_oracle_returns_true_mask(num_steps):
         seen.append((m_t.clone(), t.clone()))
         return (truth * 2 - 1) * 30.0
 
-    prob, step_probs = d.refine(oracle, coarse, generator=g, num_steps=num_steps)
-    n = 6 if num_steps is None else num_steps
+    prob, fine_prob, step_probs = d.refine(oracle, coarse, generator=g, num_steps=num_steps, start=start)
+    first = 5 if start is None else start
+    n = first + 1 if num_steps is None else num_steps
+    ts = list(range(first, first - n, -1))
     assert len(step_probs) == n and prob is step_probs[-1]
     assert torch.equal((prob > 0.5).float(), truth)
     torch.testing.assert_close(prob, truth, atol=1e-6, rtol=0)
-    assert [s[1].tolist() for s in seen] == [[t, t] for t in range(n - 1, -1, -1)]
+    assert [s[1].tolist() for s in seen] == [[t, t] for t in ts]
     assert seen[0][1].dtype == torch.long and torch.equal(seen[0][0], coarse)
-    if n > 1:  # after the first step (c = 1) a fraction p = (β̄_{n-2} - β̄_{n-1}) / (1 - β̄_{n-1}) is corrected
-        bb = d.beta_bar.tolist()
+    bb = d.beta_bar.tolist()
+    bb_prev = [1.0] + bb[:-1]
+    keep = 1.0
+    for t in ts:  # c = 1: p_t = (β̄_{t-1} - β̄_t) / (1 - β̄_t)
+        keep *= 1 - (bb_prev[t] - bb[t]) / (1 - bb[t])
+    torch.testing.assert_close(fine_prob, torch.full_like(fine_prob, 1 - keep), atol=1e-6, rtol=0)
+    if n > 1:  # after the first step (c = 1) a fraction p = (β̄_{t-1} - β̄_t) / (1 - β̄_t) is corrected
+        t = ts[0]
         frac_fixed = (seen[1][0] == truth).float().mean().item()
-        assert frac_fixed == pytest.approx((bb[n - 2] - bb[n - 1]) / (1 - bb[n - 1]), abs=0.01)
+        assert frac_fixed == pytest.approx((bb_prev[t] - bb[t]) / (1 - bb[t]), abs=0.01)
 
 
 def test_float64_schedule_survives_casts():
@@ -135,6 +145,10 @@ def test_clear_errors():
         d.q_sample(x, torch.zeros(2, 1, 4, 5), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"num_steps must be an int in \[1, 6\]"):
         d.refine(lambda m, t: m, x, num_steps=7)
+    with pytest.raises(ValueError, match=r"num_steps must be an int in \[1, 2\]"):
+        d.refine(lambda m, t: m, x, num_steps=3, start=1)
+    with pytest.raises(ValueError, match=r"start must be an int in \[0, 5\]"):
+        d.refine(lambda m, t: m, x, start=6)
     with pytest.raises(ValueError, match="denoise_fn output"):
         d.refine(lambda m, t: m[:, :, :2], x)
 

@@ -2,17 +2,25 @@
 from __future__ import annotations
 
 import json
-import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+import csv
+
+import numpy as np
+from scipy import stats
+
 from diffseg.drivers.ablate import Ablation, load_grid
-from diffseg.drivers.compare import parse_entries
+from diffseg.drivers.compare import Comparison, parse_entries
+from diffseg.drivers.statistics import verdict
 from diffseg.drivers.sweep import _int_list, cell_metrics, sweep_keys
 from diffseg.utils.checkpoint import resolve_checkpoint
 from diffseg.utils.errors import ConfigError
-from diffseg.drivers.jobs import Job, JobFailed, group_choice, run_jobs, split_overrides
+import diffseg.drivers.jobs as jobs_module
+from diffseg.drivers.jobs import (Job, JobFailed, compose_launch_config, group_choice, launcher_overrides, run_jobs,
+                                  split_launcher_overrides, split_overrides)
 
 RESULTS = {"test/dice": 0.9, "test/iou": 0.8, "test/samples/1/dice": 0.7, "test/samples/1/iou": 0.6,
            "test/samples/2/dice": 0.9, "test/step/3/dice": 0.5}
@@ -47,32 +55,63 @@ def test_split_overrides_keeps_the_rest_verbatim():
         split_overrides(["a=[1,"], {})
 
 
-def _job(tmp_path, name, code, after=()):
-    """A job whose 'script' is python -c CODE (Job.command is patched to run it)."""
-    job = Job(name, "fit.py", [], tmp_path / name, after=list(after))
-    job.command = lambda: [sys.executable, "-c", code]
-    return job
+def _recording_task(order: Path):
+    """A stand-in for fit.py's task, run by the joblib launcher in this process (n_jobs=1): it appends its
+    run directory's name to ``order`` and finishes the run (metrics.json), or fails when seed=13."""
+
+    def task(cfg):
+        out = Path(cfg.paths.output_dir)
+        with open(order, "a") as handle:
+            handle.write(f"{out.name} {cfg.seed} {cfg.resume}\n")
+        if cfg.seed == 13:
+            raise RuntimeError("boom")
+        (out / "metrics.json").write_text("{}")
+
+    return task
 
 
-def test_run_jobs_orders_dependencies_skips_finished_and_stops_on_failure(tmp_path):
+def test_run_jobs_launches_through_hydra_orders_dependencies_skips_finished_and_stops_on_failure(tmp_path,
+                                                                                               monkeypatch):
     order = tmp_path / "order.txt"
-
-    def writer(name):
-        return (f"import json, pathlib; open({str(order)!r}, 'a').write({name!r} + '\\n'); "
-                f"pathlib.Path({str(tmp_path / name)!r}, 'metrics.json').write_text('{{}}')")
-
-    jobs = [_job(tmp_path, "b", writer("b"), after=["a"]), _job(tmp_path, "a", writer("a"))]
-    run_jobs(jobs, parallel=2)
-    assert order.read_text().split() == ["a", "b"]
+    monkeypatch.setitem(jobs_module.TASKS, "fit", _recording_task(order))
+    jobs = [Job("b", "fit.py", ["seed=2"], tmp_path / "b", after=["a"]), Job("a", "fit.py", ["seed=1"], tmp_path / "a")]
+    run_jobs(jobs, parallel=1)
+    assert order.read_text().split("\n")[:2] == ["a 1 False", "b 2 False"]  # b waited for a; each its own seed
+    assert "seed=1" in (tmp_path / "a" / ".hydra" / "overrides.yaml").read_text()  # Hydra ran the job there
     run_jobs(jobs, parallel=1)  # finished: not run again
-    assert order.read_text().split() == ["a", "b"]
-    failing = [_job(tmp_path, "c", "import sys; print('boom'); sys.exit(3)"),
-               _job(tmp_path, "d", writer("d"), after=["c"])]
-    with pytest.raises(JobFailed, match=r"(?s)c failed \(exit 3\).*boom"):
+    assert len(order.read_text().split("\n")) == 3
+    # an interrupted run (last.ckpt, no metrics.json) continues with resume=true
+    (tmp_path / "c" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "c" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    run_jobs([Job("c", "fit.py", ["seed=3"], tmp_path / "c")])
+    assert order.read_text().split("\n")[2] == "c 3 True"
+    failing = [Job("d", "fit.py", ["seed=13"], tmp_path / "d"), Job("e", "fit.py", ["seed=4"], tmp_path / "e", after=["d"])]
+    with pytest.raises(JobFailed, match=r"d failed: RuntimeError\('boom'\)"):
         run_jobs(failing, parallel=1)
-    assert not (tmp_path / "d" / "metrics.json").exists()  # its dependency failed: never started
+    assert not (tmp_path / "e").exists()  # its dependency failed: never started
     with pytest.raises(ConfigError, match="not scheduled"):
-        run_jobs([_job(tmp_path, "e", "pass", after=["nope"])])
+        run_jobs([Job("f", "fit.py", [], tmp_path / "f", after=["nope"])])
+    with pytest.raises(ConfigError, match="launcher: expected one of joblib"):
+        run_jobs(jobs, launcher="ray")
+
+
+def test_launcher_overrides_compose_for_slurm(tmp_path):
+    """The SLURM launcher composes with a grid's job and the user's hydra.launcher.* keys."""
+    extra, rest = split_launcher_overrides(["hydra.launcher.partition=gpu", "scale=tiny", "hydra.launcher.gpus_per_node=1"])
+    assert extra == ["hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=1"] and rest == ["scale=tiny"]
+    from hydra.core.global_hydra import GlobalHydra
+
+    for launcher, target in [("submitit_slurm", "SlurmLauncher"), ("submitit_local", "LocalLauncher"),
+                             ("joblib", "JoblibLauncher")]:
+        _, cfg = compose_launch_config("fit", launcher_overrides(launcher, 2, extra if "slurm" in launcher else []),
+                                       tmp_path)
+        GlobalHydra.instance().clear()
+        assert cfg.hydra.launcher._target_.endswith(target)
+        if launcher == "submitit_slurm":
+            assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.gpus_per_node == 1
+            assert str(tmp_path) in cfg.hydra.launcher.submitit_folder
+        if launcher == "joblib":
+            assert cfg.hydra.launcher.n_jobs == 2
 
 
 def test_resolve_checkpoint_accepts_a_run_directory(tmp_path):
@@ -98,19 +137,107 @@ def test_grids_are_valid_and_subsets_keep_their_sources(tmp_path):
         Ablation(["ablation=segdiff", "variants=[nope]"])
 
 
-def test_ablation_summary_judges_the_paper_direction(tmp_path):
-    ablation = Ablation(["ablation=segrefiner", "seeds=2", "variants=[coarse_input,coarse_hard]", f"out={tmp_path}"])
-    values = {("baseline", 0): 0.80, ("baseline", 1): 0.82, ("coarse_hard", 0): 0.70, ("coarse_hard", 1): 0.74}
-    for (variant, seed), iou in values.items():
+def _write_cases(run: Path, values: dict[str, dict[str, float]], output: str = "final") -> None:
+    """A run's test_cases.csv: {column: {case: value}}."""
+    run.mkdir(parents=True, exist_ok=True)
+    columns = list(values)
+    cases = list(values[columns[0]])
+    lines = ["case_id,output," + ",".join(columns)]
+    lines += [f"{c},{output}," + ",".join(repr(values[k][c]) for k in columns) for c in cases]
+    (run / "test_cases.csv").write_text("\n".join(lines) + "\n")
+
+
+def _scipy_row(per_seed, reference=None):
+    """The oracle: scipy.stats on the per-case values, written out here (seed means per case, then cases)."""
+    cases = sorted(per_seed[0])
+    x = np.array([[s[c] for c in cases] for s in per_seed]).mean(0)
+    ci = stats.bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
+                         rng=np.random.default_rng(0)).confidence_interval
+    out = {"": x.mean(), "_ci_low": ci.low, "_ci_high": ci.high,
+           "_sd_seeds": np.std([np.mean([s[c] for c in cases]) for s in per_seed], ddof=1)}
+    if reference is not None:
+        d = x - np.array([[s[c] for c in cases] for s in reference]).mean(0)
+        ci = stats.bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
+                             rng=np.random.default_rng(0)).confidence_interval
+        out.update({"_diff": d.mean(), "_diff_ci_low": ci.low, "_diff_ci_high": ci.high,
+                    "_p": stats.wilcoxon(d).pvalue})
+    return out
+
+
+RNG = np.random.default_rng(5)
+CASES = [f"case{i}" for i in range(8)]
+
+
+def _cases(center, spread=0.05):
+    return {c: float(v) for c, v in zip(CASES, center + spread * RNG.standard_normal(len(CASES)))}
+
+
+def test_ablation_table_is_scipy_on_the_per_case_values_and_judges_by_the_ci(tmp_path):
+    ablation = Ablation(["ablation=segrefiner", "seeds=2", "variants=[coarse_input,coarse_hard,steps_3]",
+                         f"out={tmp_path}"])
+    iou = {(v, s): _cases(c) for (v, c) in [("baseline", 0.8), ("coarse_hard", 0.6), ("steps_3", 0.8)]
+           for s in (0, 1)}
+    for (variant, seed), values in iou.items():
         run = tmp_path / variant / f"seed{seed}"
-        run.mkdir(parents=True)
-        metrics = {"test/iou": iou, "test/mba": 0.5, "test/coarse_iou": 0.6, "test/coarse_mba": 0.4}
-        (run / "metrics.json").write_text(json.dumps(metrics))
+        _write_cases(run, {"iou": values, "mba": _cases(0.5), "coarse_iou": _cases(0.6), "coarse_mba": _cases(0.4)})
+        (run / "metrics.json").write_text(json.dumps({"test/iou": float(np.mean(list(values.values())))}))
     text = ablation.summarise()
-    assert "| baseline | 0.8100 ± 0.0141 |" in text
-    assert "| coarse_hard | 0.7200 ± 0.0283 |" in text and "| -0.0900 |" in text
-    assert "| coarse_input | 0.6000 ± 0.0000 | 0.4000 ± 0.0000 | -0.2100 |" in text
-    assert text.count("| yes |") == 2 and "2 of 2 variants" in text
+    rows = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "ablation.csv"))}
+    ref = [iou["baseline", s] for s in (0, 1)]
+    for variant in ("baseline", "coarse_hard", "steps_3"):
+        expected = _scipy_row([iou[variant, s] for s in (0, 1)], None if variant == "baseline" else ref)
+        for suffix, value in expected.items():
+            assert float(rows[variant][f"test/iou{suffix}"]) == pytest.approx(value, rel=1e-12), (variant, suffix)
+    # coarse_input reads the reference runs' coarse_iou column
+    coarse = [dict(zip(CASES, [float(r["coarse_iou"]) for r in csv.DictReader(open(tmp_path / "baseline" / f"seed{s}" /
+                                                                                   "test_cases.csv"))])) for s in (0, 1)]
+    assert float(rows["coarse_input"]["test/iou"]) == pytest.approx(_scipy_row(coarse)[""])
+    # verdicts from the CI of the difference: 0.2 lower (CI excludes 0) agrees with "lower"; steps_3 is the
+    # reference up to noise, judged by where scipy's CI of its difference lies
+    assert rows["coarse_hard"]["verdict"] == "agrees" and rows["coarse_input"]["verdict"] == "agrees"
+    steps = _scipy_row([iou["steps_3", s] for s in (0, 1)], ref)
+    assert rows["steps_3"]["verdict"] == verdict("not_higher", steps["_diff_ci_low"], steps["_diff_ci_high"], 0.01)
+    assert "| coarse_hard | 2 |" in text and "Wilcoxon" in text and (tmp_path / "ablation_seeds.csv").is_file()
+
+
+def test_verdict_from_the_confidence_interval():
+    assert verdict("lower", -0.05, -0.01, 0.02) == "agrees" and verdict("lower", 0.01, 0.05, 0.02) == "disagrees"
+    assert verdict("lower", -0.05, 0.01, 0.02) == "inconclusive"
+    assert verdict("higher", 0.01, 0.05, 0.02) == "agrees" and verdict("higher", -0.01, 0.05, 0.02) == "inconclusive"
+    assert verdict("similar", -0.01, 0.015, 0.02) == "agrees" and verdict("similar", 0.03, 0.05, 0.02) == "disagrees"
+    assert verdict("similar", -0.01, 0.05, 0.02) == "inconclusive"
+    assert verdict("not_higher", -0.2, 0.01, 0.02) == "agrees" and verdict("not_higher", 0.03, 0.1, 0.02) == "disagrees"
+    assert verdict("not_lower", -0.01, 0.2, 0.02) == "agrees" and verdict("not_lower", -0.1, -0.03, 0.02) == "disagrees"
+    assert verdict(None, 0.0, 0.1, 0.02) == "—"
+
+
+def test_leaderboard_csv_cis_and_p_values_are_scipys_on_the_runs_cases(tmp_path):
+    """Must-show: the CIs and p-values in leaderboard.csv equal scipy's on the per-case values of the runs."""
+    comparison = Comparison(["experiments=[unet_brats,imgx_brats]", "seeds=3", f"out={tmp_path}"])
+    dice = {(n, s): _cases(c) for n, c in [("unet_brats", 0.7), ("imgx_brats", 0.75)] for s in range(3)}
+    for (name, seed), values in dice.items():
+        run = tmp_path / name / f"seed{seed}"
+        _write_cases(run, {"dice": values, "dice/wt": _cases(0.8), "hd95": _cases(5.0, 1.0)})
+        (run / "metrics.json").write_text(json.dumps({"test/dice": 0.0, "test/dice/wt": 0.0, "test/hd95": 0.0,
+                                                      "test/ece": 0.1 * (seed + 1)}))  # ece: pooled, no per-case value
+        (run / "run_info.json").write_text(json.dumps({"parameters": 10, "train_seconds": 2.0 + seed,
+                                                       "test_seconds_per_case": 0.5, "peak_memory_mb": 100}))
+        (run / "config.yaml").write_text("budget_name: family_3d\ntrainer: {max_steps: 96}\ndata: {batch_size: 2}\n"
+                                         "model: {optimizer: {lr: 0.003}}\n")
+    comparison.leaderboard()
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "leaderboard.csv"))}
+    ref = [dice["unet_brats", s] for s in range(3)]
+    for name in ("unet_brats", "imgx_brats"):
+        expected = _scipy_row([dice[name, s] for s in range(3)], None if name == "unet_brats" else ref)
+        for suffix, value in expected.items():
+            assert float(rows[name][f"dice{suffix}"]) == pytest.approx(value, rel=1e-12), (name, suffix)
+        assert rows[name]["budget"] == "family_3d" and rows[name]["updates"] == "96" and rows[name]["batch"] == "2"
+        assert float(rows[name]["lr"]) == 0.003 and float(rows[name]["train_seconds"]) == 3.0  # mean over seeds
+    assert rows["unet_brats"]["dice_p"] == ""  # the reference row has no paired columns
+    # a pooled metric: mean and sd over seeds of metrics.json, no CI over cases
+    assert float(rows["imgx_brats"]["ece"]) == pytest.approx(0.2) and float(rows["imgx_brats"]["ece_sd_seeds"]) == \
+        pytest.approx(0.1) and rows["imgx_brats"]["ece_ci_low"] in ("", "nan")
+    assert list(rows) == ["imgx_brats", "unet_brats"]  # sorted by dice
 
 
 def test_compare_entries():

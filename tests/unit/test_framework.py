@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.data.datamodule import SegDataModule, ShardSampler, load_or_make_splits
+from diffseg.data.datamodule import SegDataModule, load_or_make_splits
 from diffseg.data.errors import DataError
 from diffseg.data.formats.base import Case
 from diffseg.data.formats.brats import BratsSource
@@ -65,11 +65,24 @@ def test_splits_seeded_disjoint_and_from_file(tmp_path):
         load_or_make_splits(_cases(20), tmp_path, (0.7, 0.1, 0.2), 0)
 
 
-@pytest.mark.parametrize("n,world", [(5, 2), (7, 3), (1, 2), (4, 4)])
-def test_shard_sampler_scores_each_case_exactly_once(n, world):
-    shards = [list(ShardSampler(n, r, world)) for r in range(world)]
-    flat = [i for s in shards for i in s]
-    assert sorted(flat) == list(range(n))
+@pytest.mark.parametrize("n,world", [(5, 2), (7, 3), (4, 4), (3, 1)])
+def test_eval_loaders_score_each_case_exactly_once(n, world, tmp_path):
+    """The validation/test loaders of the W ranks together visit every case exactly once: no padding
+    (which would score a case twice), nothing dropped; fewer cases than ranks is a clear error."""
+    from types import SimpleNamespace
+
+    root = write_shapes2d(tmp_path / "s", num_cases=4, size=16)
+    dm = SegDataModule(Folder2DSource(root), root=str(root), patch_size=(16, 16))
+    dm.datasets = {"val": list(range(n)), "test": list(range(world - 1))}
+    visited = []
+    for rank in range(world):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, num_devices=world,
+                                     strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        visited += list(dm.val_dataloader().sampler)
+    assert sorted(visited) == list(range(n))
+    if world > 1:
+        with pytest.raises(DataError, match=f"test split has {world - 1} case.*fewer than the {world} processes"):
+            dm.test_dataloader()
 
 
 def test_datamodule_checks_config_against_files(tmp_path):
@@ -150,4 +163,4 @@ def test_score_and_aggregate_closed_form():
     agg = aggregate([rec, rec2])
     assert agg["dice"] == pytest.approx((2 / 3 + 1) / 2)
     assert agg["iou_pooled"] == pytest.approx((8 + 16) / (16 + 16))  # sum I / sum U
-    assert agg["num_cases"] == 2 and math.isfinite(agg["ece"]) and "mba" in agg and "boundary_f" in agg
+    assert agg["num_cases"] == 2 and math.isfinite(agg["ece"]) and "mba" in agg and "fbound" in agg and "wcov" in agg

@@ -1,7 +1,7 @@
 """ImgX-DiffSeg model: recycling gradients, schedules, sampling outputs, reproducibility, configs.
 
 Oracles: the docs/methods.md §1 reference values of the resampled schedule, DDPM's closed-form posterior
-written out here in float64, MONAI's DiceCELoss on a hand-made second pass, and softmax itself.
+written out here in float64, MONAI's DiceCELoss (+ 0.1 x MSE) on a hand-made second pass, and softmax itself.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 
 from diffseg.inference.samples import SPREAD_MAPS
-from diffseg.models.imgx import ImgXDiffSeg, probs_from_x0
+from diffseg.models.imgx import ImgXDiffSeg, LossSettings, probs_from_x0
 from diffseg.nets.slicewise import SliceWise
 from diffseg.nets.unet import TimeUNet
 from diffseg.utils.errors import ConfigError
@@ -108,7 +108,8 @@ def test_gradient_flows_only_through_the_second_pass():
 
     def second_pass(start):
         logits = model.net(cat(q(start, t, noise)), 250.0 * t)
-        return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)(logits, batch["label"])
+        seg = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)(logits, batch["label"])
+        return seg + 0.1 * ((2 * torch.softmax(logits, 1) - 1 - x0) ** 2).mean()  # + mse_weight x MSE on x̂0
 
     manual = second_pass(x0_hat)
     torch.testing.assert_close(loss, manual)
@@ -127,18 +128,78 @@ def test_gradient_flows_only_through_the_second_pass():
     assert rel_diff() > 1e-3
 
 
-@pytest.mark.parametrize("mode, expected", [("next", [1, 2, 3, 4, 4]), ("max", [4, 4, 4, 4, 4])])
+@pytest.mark.parametrize("mode, expected", [("next", [1, 2, 3, 4]), ("max", [4, 4, 4, 4])])
 def test_recycling_modes_pick_t_r(mode, expected):
     model = make_model(recycling=mode)
-    t = torch.arange(5)
+    t = torch.arange(4)
     assert model.recycle_step(t).tolist() == expected
-    batch = make_batch(b=5)
+    with pytest.raises(ValueError, match=r"\[0, K-1\)"):  # t = K-1 has no later step to recycle from
+        model.recycle_step(torch.tensor([4]))
+    batch = make_batch(b=4)
     calls, handle = record_calls(model.net)
-    model.loss_terms(batch["image"], batch["label"], *draws(model, batch, list(range(5))))
+    model.loss_terms(batch["image"], batch["label"], *draws(model, batch, list(range(4))))
     handle.remove()
     # the network is conditioned on the ORIGINAL timestep index (250 per resampled step)
     assert calls[0][2].tolist() == [250.0 * e for e in expected]
-    assert calls[1][2].tolist() == [0.0, 250.0, 500.0, 750.0, 1000.0]
+    assert calls[1][2].tolist() == [0.0, 250.0, 500.0, 750.0]
+
+
+@pytest.mark.parametrize("mode, drawn", [("next", {0, 1, 2, 3}), ("max", {0, 1, 2, 3}), ("none", {0, 1, 2, 3, 4})])
+def test_training_draws_t_below_k_minus_1_with_recycling(mode, drawn):
+    """Reference recycling_step.py: t ~ U[0, K-1) with recycling (t_r is a real step), U[0, K) without."""
+    model = make_model(recycling=mode)
+    batch = make_batch(b=2, size=8)
+    calls, handle = record_calls(model.net)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(40):
+            model.training_loss(batch)
+    handle.remove()
+    seen = {int(v) // 250 for c in calls[(mode != "none")::1 + (mode != "none")] for v in c[2].tolist()}
+    assert seen == drawn
+
+
+class LabelBlindEpsilon(torch.nn.Module):
+    """An ε-predictor that ignores the image and "predicts" the all-background mask: ε̂ is the noise that
+    would have turned the background mask x0_bg into x_t, ε̂ = (x_t - sqrt(ᾱ)·x0_bg)/sqrt(1-ᾱ)."""
+
+    def __init__(self, alphas_cumprod, mask_from):
+        super().__init__()
+        self.abar, self.mask_from, self.dummy = alphas_cumprod.float(), mask_from, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t_model):
+        x_t = x[:, self.mask_from:]
+        x0_bg = -torch.ones_like(x_t)
+        x0_bg[:, 0] = 1.0
+        abar = self.abar[t_model.long()].view(-1, *[1] * (x_t.dim() - 1))
+        return (x_t - abar.sqrt() * x0_bg) / (1 - abar).sqrt() + 0 * self.dummy
+
+
+def test_label_blind_epsilon_predictor_no_longer_reaches_zero_loss_with_recycling():
+    """With recycling, x_t is noised from the network's own x̂0, so the ε target never sees the true mask: an
+    always-background predictor has an MSE of ~0. The segmentation loss on its x̂0 against the TRUE mask
+    (docs/methods.md §1) is large; a predictor of the true mask scores ~0 on the same loss."""
+    model = make_model(diffusion={"prediction": "epsilon"}, recycling="next")
+    model.net = LabelBlindEpsilon(model.base.alphas_cumprod, IN)
+    batch = make_batch(b=4)
+    t, noise, noise_r = draws(model, batch, [0, 1, 2, 3])
+    loss, terms = model.loss_terms(batch["image"], batch["label"], t, noise, noise_r)
+    assert terms["loss/mse"] < 1e-6                       # the label-blind optimum of an ε-only loss
+    # oracle: MONAI's Dice loss of the all-background prediction (p = 1 on background, 1e-7 elsewhere) is ~1;
+    # the CE term adds about -log(1e-6) on the foreground voxels (how far from 0 depends on float rounding)
+    probs = torch.full((4, C, 16, 16), 1e-7)
+    probs[:, 0] = 1.0
+    dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True)(probs.log(), batch["label"])
+    assert dice > 0.99 and terms["loss/seg"] > dice + 1.0
+    assert loss > 2.0
+    # the same construction aimed at the TRUE mask: the loss of a perfect predictor is ~0
+    x0 = 2 * torch.nn.functional.one_hot(batch["label"][:, 0], C).movedim(-1, 1).float() - 1
+    oracle = model.net
+    model.net = type("TrueMask", (torch.nn.Module,), {"forward": lambda self, x, tm: (
+        x[:, IN:] - oracle.abar[tm.long()].view(-1, 1, 1, 1).sqrt() * x0)
+        / (1 - oracle.abar[tm.long()].view(-1, 1, 1, 1)).sqrt()})()
+    perfect, _ = model.loss_terms(batch["image"], batch["label"], t, noise, noise_r)
+    assert perfect < 0.05
 
 
 def test_no_recycling_is_one_pass_on_the_true_mask():
@@ -153,7 +214,7 @@ def test_no_recycling_is_one_pass_on_the_true_mask():
     abar = ABAR[t].view(-1, 1, 1, 1)
     logits = model.net(torch.cat([batch["image"], abar.sqrt() * x0 + (1 - abar).sqrt() * noise], 1), 250.0 * t)
     ref = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)(logits, batch["label"])
-    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(loss, ref + 0.1 * ((2 * torch.softmax(logits, 1) - 1 - x0) ** 2).mean())
 
 
 @pytest.fixture(scope="module")
@@ -298,29 +359,39 @@ def test_metric_keys_of_every_step_and_sample(trained, tmp_path):
         assert f"test/{prefix}dice/all" in res and f"test/{prefix}dice" in res, prefix
     assert res["test/step/2/dice"] == res["test/dice"] == res["test/samples/2/dice"]
     assert "test/hd95" in res and "test/step/1/hd95" not in res  # surface metrics: final only
+    # validation predicts and scores the final output only, with the same prediction as the test
+    trainer.validate(model, dataloaders=loader, verbose=False)
+    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    assert val and not any(k.startswith(("val/step/", "val/samples/")) for k in val), sorted(val)
+    assert val["val/dice"] == pytest.approx(res["test/dice"]) and model.curves
 
 
-def test_epsilon_prediction_switch():
-    with pytest.raises(ConfigError, match="model.loss=mse"):
-        make_model(diffusion={"prediction": "epsilon"})
-    model = make_model(diffusion={"prediction": "epsilon"}, loss="mse", recycling="none")
+def test_epsilon_prediction_loss_is_segmentation_on_the_derived_x0_plus_mse():
+    model = make_model(diffusion={"prediction": "epsilon"}, recycling="none")
     assert model.sample_process.clip_x0 and model.sample_process.prediction == "epsilon"
     batch = make_batch()
     t, noise, noise_r = draws(model, batch, [1, 4])
-    loss, _ = model.loss_terms(batch["image"], batch["label"], t, noise, noise_r)
+    loss, terms = model.loss_terms(batch["image"], batch["label"], t, noise, noise_r)
     x0 = 2 * torch.nn.functional.one_hot(batch["label"][:, 0], C).movedim(-1, 1).float() - 1
     abar = ABAR[t].view(-1, 1, 1, 1)
-    out = model.net(torch.cat([batch["image"], abar.sqrt() * x0 + (1 - abar).sqrt() * noise], 1), 250.0 * t)
-    torch.testing.assert_close(loss, ((out - noise) ** 2).mean())  # MSE on ε
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    out = model.net(torch.cat([batch["image"], x_t], 1), 250.0 * t)
+    # oracle written from docs/methods.md §1: x̂0 = (x_t - sqrt(1-ᾱ)ε̂)/sqrt(ᾱ), clipped; p = (x̂0+1)/2 normalised
+    p = (((x_t - (1 - abar).sqrt() * out) / abar.sqrt()).clamp(-1, 1) + 1) / 2
+    p = torch.where(p.sum(1, keepdim=True) > 0, p / p.sum(1, keepdim=True), torch.full_like(p, 1 / C))
+    seg = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)(p.clamp_min(1e-7).log(), batch["label"])
+    mse = ((out - noise) ** 2).mean()  # MSE on ε
+    torch.testing.assert_close(terms["loss/seg"], seg)
+    torch.testing.assert_close(terms["loss/mse"], mse)
+    torch.testing.assert_close(loss, seg + 0.1 * mse)
+    weighted = make_model(diffusion={"prediction": "epsilon"}, recycling="none",
+                          loss={"seg_weight": 0.5, "mse_weight": 2.0})
+    torch.testing.assert_close(weighted.loss_terms(batch["image"], batch["label"], t, noise, noise_r)[0],
+                               0.5 * seg + 2.0 * mse)
     with torch.no_grad():
         model._case_generator = torch.Generator().manual_seed(0)
         probs = model.predict_window(batch["image"])["final"]
     assert (probs >= 0).all() and torch.allclose(probs.sum(1), torch.ones(2, 16, 16), atol=1e-5)
-    # x0-prediction with mse: MSE between 2·softmax - 1 and the one-hot mask in [-1, 1]
-    x0_model = make_model(loss="mse", recycling="none")
-    loss, _ = x0_model.loss_terms(batch["image"], batch["label"], t, noise, noise_r)
-    logits = x0_model.net(torch.cat([batch["image"], abar.sqrt() * x0 + (1 - abar).sqrt() * noise], 1), 250.0 * t)
-    torch.testing.assert_close(loss, ((2 * torch.softmax(logits, 1) - 1 - x0) ** 2).mean())
 
 
 def test_probs_from_x0():
@@ -370,7 +441,12 @@ def test_sampling_under_bf16_autocast(trained):
     ({"sampling": {"eta": -1}}, r"model.sampling.eta"),
     ({"sampling": {"step_outputs": 0}}, r"model.sampling.step_outputs: expected a positive integer"),
     ({"recycling": "always"}, r"model.recycling: expected one of none \| next \| max"),
-    ({"loss": "focal"}, r"model.loss: expected one of dice_ce \| dice \| ce \| mse"),
+    ({"loss": {"segmentation": "focal"}}, r"model.loss.segmentation: expected one of dice_ce \| dice \| ce"),
+    ({"loss": "mse"}, r"model.loss: expected the mapping"),
+    ({"loss": {"mse": 1.0}}, r"model.loss: unknown key\(s\) \['mse'\]"),
+    ({"loss": {"seg_weight": 0, "mse_weight": 0}}, r"model.loss: seg_weight and mse_weight are both 0"),
+    ({"loss": {"mse_weight": -1}}, r"model.loss.mse_weight: expected a number >= 0"),
+    ({"sampling": {"eta": 0.5}}, r"model.sampling.eta=0.5 only applies to sampler=ddim"),
 ])
 def test_clear_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -398,12 +474,12 @@ def compose(*overrides):
 
 @pytest.mark.parametrize("scale", ["paper", "tiny"])
 @pytest.mark.parametrize("ablation, check", [
-    (None, lambda m: m.settings.train_steps == 5 and m.recycling == "next" and m.loss_name == "dice_ce"),
-    ("imgx_eps", lambda m: m.settings.prediction == "epsilon" and m.loss_name == "mse"),
+    (None, lambda m: m.settings.train_steps == 5 and m.recycling == "next" and m.loss == LossSettings("dice_ce", 1, 0.1)),
+    ("imgx_eps", lambda m: m.settings.prediction == "epsilon" and m.loss == LossSettings()),  # one idea
     ("imgx_no_recycling", lambda m: m.recycling == "none"),
     ("imgx_1001_steps", lambda m: m.train_process.num_steps == 1001 and m.sample_process.num_steps == 5),
-    ("imgx_loss_dice", lambda m: m.loss_name == "dice"),
-    ("imgx_loss_ce", lambda m: m.loss_name == "ce"),
+    ("imgx_loss_dice", lambda m: m.loss.segmentation == "dice"),
+    ("imgx_loss_ce", lambda m: m.loss.segmentation == "ce"),
     ("imgx_2d", lambda m: isinstance(m.net, SliceWise) and m.roi_size[2] == 1 and m.net.net.spatial_dims == 2),
 ])
 def test_configs_and_ablations_compose_and_build(scale, ablation, check):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.metrics.boundary import boundary_f, ellipse_kernel, inner_boundary, mba, mba_radii
+from diffseg.metrics.boundary import disk, ellipse_kernel, fbound, mba, mba_radii, seg2bmap
+from diffseg.metrics.overlap import wcov
 
 
 def test_ellipse_kernel_matches_opencv_by_hand():
@@ -44,9 +45,9 @@ def square(n, r0, c0, k, w=None):
 def test_mba_identical_is_one():
     g = square(40, 5, 7, 20)
     assert mba(g, g) == 1.0
-    assert boundary_f(g, g) == 1.0
+    assert fbound(g, g) == 1.0
     assert mba(g.numpy(), g.numpy()) == 1.0  # numpy masks are accepted too
-    assert boundary_f(g.numpy(), g.long()) == 1.0
+    assert fbound(g.numpy(), g.long()) == 1.0
 
 
 def test_mba_shifted_square_by_hand():
@@ -103,58 +104,114 @@ def test_mba_against_brute_force_band_with_varying_radii():
     assert mba(torch.from_numpy(p), torch.from_numpy(g)) == pytest.approx(want, abs=1e-12)
 
 
-def test_boundary_f_shift_within_and_beyond_tolerance():
-    # 6x6 squares shifted by 2 px: 12 of the 20 boundary pixels of either are within 1 px of the
-    # other's boundary (P = R = 0.6), all are within 2 px.
+def _seg2bmap_brute_force(m: np.ndarray) -> np.ndarray:
+    """DAVIS seg2bmap written pixel by pixel: differs from its right, lower or lower-right neighbour
+    (a neighbour outside the image counts as 0); last row: right neighbour only; last column: lower only;
+    the bottom-right pixel never."""
+    h, w = m.shape
+    out = np.zeros_like(m, dtype=bool)
+
+    def at(y, x):
+        return bool(m[y, x]) if y < h and x < w else False
+
+    for y in range(h):
+        for x in range(w):
+            if y == h - 1 and x == w - 1:
+                continue
+            if y == h - 1:
+                out[y, x] = at(y, x) != at(y, x + 1)
+            elif x == w - 1:
+                out[y, x] = at(y, x) != at(y + 1, x)
+            else:
+                out[y, x] = any(at(y, x) != at(y + dy, x + dx) for dy, dx in ((0, 1), (1, 0), (1, 1)))
+    return out
+
+
+def _fbound_brute_force(p: np.ndarray, g: np.ndarray) -> float:
+    """The reference's db_eval_boundary for d = 1..5, by pairwise distances between boundary pixels."""
+    bp, bg = np.argwhere(_seg2bmap_brute_force(p)), np.argwhere(_seg2bmap_brute_force(g))
+    fs = []
+    for d in range(1, 6):
+        if len(bp) == 0 and len(bg) == 0:
+            pr, rc = 1.0, 1.0
+        elif len(bp) == 0:
+            pr, rc = 1.0, 0.0
+        elif len(bg) == 0:
+            pr, rc = 0.0, 1.0
+        else:
+            dist2 = ((bp[:, None, :] - bg[None, :, :]) ** 2).sum(-1)
+            pr, rc = (dist2.min(1) <= d * d).mean(), (dist2.min(0) <= d * d).mean()
+        fs.append(0.0 if pr + rc == 0 else 2 * pr * rc / (pr + rc))
+    return float(np.mean(fs))
+
+
+def test_seg2bmap_by_hand_and_brute_force():
+    m = np.zeros((4, 5), dtype=bool)
+    m[1:3, 1:3] = True
+    want = np.array([[1, 1, 1, 0, 0],   # (0, 0) differs from its lower-right neighbour
+                     [1, 0, 1, 0, 0],
+                     [1, 1, 1, 0, 0],
+                     [0, 0, 0, 0, 0]], dtype=bool)
+    assert np.array_equal(seg2bmap(m), want)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        r = rng.random((int(rng.integers(1, 9)), int(rng.integers(1, 9)))) < rng.random()
+        assert np.array_equal(seg2bmap(r), _seg2bmap_brute_force(r))
+    assert np.array_equal(disk(2).astype(int).sum(), 13)  # skimage.morphology.disk(2)
+
+
+def test_fbound_against_brute_force_on_random_masks():
+    rng = np.random.default_rng(1)
+    cases = []
+    for _ in range(40):
+        h, w = int(rng.integers(2, 20)), int(rng.integers(2, 20))
+        kind = rng.integers(4)
+        g = rng.random((h, w)) < rng.random()
+        p = g ^ (rng.random((h, w)) < 0.15) if kind else rng.random((h, w)) < rng.random()
+        cases.append((p, g))
+    z = np.zeros((9, 11), dtype=bool)
+    blob = z.copy()
+    blob[2:6, 3:8] = True
+    cases += [(z, z), (~z, z), (z, blob), (blob, z), (~z, blob), (blob, blob)]  # empty boundaries included
+    for p, g in cases:
+        want = _fbound_brute_force(p, g)
+        assert fbound(torch.from_numpy(p), torch.from_numpy(g)) == pytest.approx(want, abs=1e-12), (p, g)
+    # the reference's empty-boundary conventions
+    assert fbound(z, z) == 1.0 and fbound(~z, z) == 1.0  # both boundaries empty: P = R = 1
+    assert fbound(z, blob) == 0.0 and fbound(blob, z) == 0.0  # one empty: (P, R) = (1, 0) or (0, 1)
+
+
+def test_fbound_shift_within_and_beyond_the_disk():
+    # seg2bmap of a 6x6 square at (4, 4): the square's top/left rows and the pixels just outside its
+    # bottom/right; the same square 2 px to the right: matched within d >= 2 only
     g = square(16, 4, 4, 6)
     p = square(16, 4, 6, 6)
-    assert boundary_f(p, g, tolerances=(1,)) == pytest.approx(0.6)
-    assert boundary_f(p, g, tolerances=(2,)) == pytest.approx(1.0)
-    assert boundary_f(p, g) == pytest.approx((0.6 + 4 * 1.0) / 5)
-    # a 1-px shift is within every tolerance 1..5
-    assert boundary_f(square(16, 4, 5, 6), g) == pytest.approx(1.0)
+    assert fbound(p, g, radii=(2,)) == pytest.approx(1.0)
+    assert fbound(p, g, radii=(1,)) < 1.0
+    assert fbound(p, g) == pytest.approx((fbound(p, g, radii=(1,)) + 4.0) / 5)
+    assert fbound(square(30, 20, 20, 5), square(30, 2, 2, 5)) == 0.0  # 18 px apart: beyond every radius
 
 
-def test_boundary_f_far_apart_is_zero_and_empty_conventions():
-    g = square(30, 2, 2, 5)
-    p = square(30, 20, 20, 5)  # 18 px away: beyond every tolerance
-    assert boundary_f(p, g) == 0.0
-    z = torch.zeros(30, 30, dtype=torch.bool)
-    assert boundary_f(z, z) == 1.0
-    assert boundary_f(~z, ~z) == 1.0
-    assert boundary_f(z, ~z) == 0.0  # both boundaries empty but the masks differ
-    assert boundary_f(z, g) == 0.0 and boundary_f(g, z) == 0.0
-
-
-def test_boundary_f_against_brute_force():
-    rng = np.random.default_rng(2)
-    yy, xx = np.mgrid[:40, :36]
-    g = (yy - 20) ** 2 + (xx - 17) ** 2 < 12**2
-    p = (yy - 19) ** 2 / 14**2 + (xx - 20) ** 2 / 9**2 < 1
-    p[rng.random(p.shape) < 0.02] = True
-    bp, bg = np.argwhere(inner_boundary(p)), np.argwhere(inner_boundary(g))
-    d = np.sqrt(((bp[:, None, :] - bg[None, :, :]) ** 2).sum(-1))
-    fs = []
-    for t in (1, 2, 3, 4, 5):
-        pr, rc = (d.min(1) <= t).mean(), (d.min(0) <= t).mean()
-        fs.append(2 * pr * rc / (pr + rc))
-    assert boundary_f(torch.from_numpy(p), torch.from_numpy(g)) == pytest.approx(np.mean(fs), abs=1e-12)
-
-
-def test_inner_boundary_by_hand():
-    m = np.zeros((5, 5), dtype=bool)
-    m[1:4, 1:4] = True
-    want = m.copy()
-    want[2, 2] = False
-    assert np.array_equal(inner_boundary(m), want)
+def test_wcov_against_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        shape = (int(rng.integers(1, 12)), int(rng.integers(1, 12)))
+        p, g = rng.random(shape) < rng.random(), rng.random(shape) < rng.random() * rng.integers(2)
+        a, b = sum(bool(v) for v in p.flat), sum(bool(v) for v in g.flat)
+        want = 1.0 if a == b == 0 else min(a, b) / max(a, b)
+        assert wcov(torch.from_numpy(p), torch.from_numpy(g)) == pytest.approx(want)
+    z = torch.zeros(5, 5, dtype=torch.bool)
+    assert wcov(z, z) == 1.0 and wcov(~z, z) == 0.0
+    with pytest.raises(ValueError, match="same shape"):
+        wcov(z, torch.zeros(5, 4, dtype=torch.bool))
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="2D"):
         mba(torch.zeros(1, 4, 4, dtype=torch.bool), torch.zeros(1, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="same"):
-        boundary_f(torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4, 5, dtype=torch.bool))
+        fbound(torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="binary"):
         mba(torch.full((4, 4), 0.5), torch.zeros(4, 4))
-    with pytest.raises(ValueError, match="tolerances"):
-        boundary_f(torch.zeros(4, 4), torch.zeros(4, 4), tolerances=())
+    with pytest.raises(ValueError, match="radii"):
+        fbound(torch.zeros(4, 4), torch.zeros(4, 4), radii=())

@@ -67,8 +67,8 @@ def test_rrdb_encoder_long_skip_and_input_dependence():
     with torch.no_grad():
         enc.trunk_conv.weight.zero_()
         enc.trunk_conv.bias.zero_()
-    # with the trunk silenced the encoder is conv_out(LeakyReLU(conv_in(x)))
-    ref = enc.conv_out(F.leaky_relu(enc.conv_in(x), 0.2))
+    # with the trunk silenced the encoder is conv_out(LeakyReLU(HRconv(conv_in(x)))) (reference RRDBNet)
+    ref = enc.conv_out(F.leaky_relu(enc.hr_conv(enc.conv_in(x)), 0.2))
     torch.testing.assert_close(enc(x), ref)
 
 
@@ -88,7 +88,7 @@ def _denoiser(conditioning, dims=2):
     )
 
 
-@pytest.mark.parametrize("conditioning,unet_in", [("sum", 8), ("concat", 16), ("none", 4)])
+@pytest.mark.parametrize("conditioning,unet_in", [("sum", 1), ("concat", 16), ("none", 4)])
 def test_conditioning_variants(conditioning, unet_in):
     torch.manual_seed(0)
     net = _denoiser(conditioning)
@@ -104,16 +104,47 @@ def test_conditioning_variants(conditioning, unet_in):
     else:
         for name, p in net.image_encoder.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
-        assert net.mask_encoder.weight.grad.abs().sum() > 0
+        mask_conv = net.unet.conv_in if conditioning == "sum" else net.mask_encoder
+        assert mask_conv.weight.grad.abs().sum() > 0
 
 
-def test_sum_is_f_plus_g():
+def test_sum_is_f_plus_g_with_f_the_unets_first_conv():
+    """Reference: F is the UNet's first conv; conv_in(x_t) + G(I) enters the first block (and is its first
+    skip). No other conv sits between F(x_t) + G(I) and the UNet's blocks."""
     torch.manual_seed(0)
     net = _denoiser("sum")
-    x_t, image, t = torch.randn(1, 1, 8, 8), torch.randn(1, 3, 8, 8), torch.tensor([3.0])
-    ref = net.unet(net.mask_encoder(x_t) + net.image_encoder(image), t)  # h = F(x_t) + G(I)
-    torch.testing.assert_close(net(x_t, image, t), ref)
-    assert net.mask_encoder.kernel_size == (3, 3) and net.mask_encoder.out_channels == 8
+    assert net.mask_encoder is None and net.unet.in_channels == 1
+    assert net.unet.conv_in.kernel_size == (3, 3) and net.unet.conv_in.out_channels == 8
+    x_t, image, t = torch.randn(1, 1, 8, 8), torch.randn(1, 3, 8, 8), torch.tensor([3])
+    h = net.unet.conv_in(x_t) + net.image_encoder(image)  # h = F(x_t) + G(I)
+    seen = {}
+    hook = net.unet.encoder[0].register_forward_pre_hook(lambda m, args: seen.update(h=args[0]))
+    out = net(x_t, image, t)
+    hook.remove()
+    torch.testing.assert_close(seen["h"], h)  # the first encoder stage receives F(x_t) + G(I) itself
+    torch.testing.assert_close(out, net.unet(x_t, t, input_features=net.image_encoder(image)))
+    # the parameters: the UNet on the 1-channel mask plus G, nothing else
+    assert _n_params(net) == _n_params(net.unet) + _n_params(net.image_encoder)
+    with pytest.raises(ValueError, match="input_features"):
+        net.unet(x_t, t, input_features=torch.zeros(1, 4, 8, 8))
+
+
+def test_rescaled_timesteps_reach_the_embedding():
+    """With num_train_steps = T the UNet's sinusoidal embedding is that of t·1000/T (rescale_timesteps)."""
+    from diffseg.nets import sinusoidal_embedding
+
+    torch.manual_seed(0)
+    kw = dict(image_channels=3, rrdb_blocks=0, rrdb_features=8, unet=SMALL_UNET)
+    for steps, scale in ((50, 20.0), (None, 1.0)):
+        net = SegDiffDenoiser(2, num_train_steps=steps, **kw)
+        seen = {}
+        hook = net.unet.time_mlp.register_forward_pre_hook(lambda m, args: seen.update(emb=args[0]))
+        t = torch.tensor([0, 7, 49])
+        net(torch.randn(3, 1, 8, 8), torch.randn(3, 3, 8, 8), t)
+        hook.remove()
+        torch.testing.assert_close(seen["emb"], sinusoidal_embedding(t.double() * scale, 8))
+    with pytest.raises(ValueError, match="num_train_steps"):
+        SegDiffDenoiser(2, num_train_steps=0, **kw)
 
 
 def test_denoiser_3d_runs():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
@@ -19,12 +20,19 @@ def _n_params(m: nn.Module) -> int:
 
 @pytest.mark.parametrize("dims,size", [(2, (16, 24)), (3, (8, 8, 16))])
 @pytest.mark.parametrize("upsample", ["transpose", "nearest"])
-def test_output_shape(dims, size, upsample):
+def test_gradient_reaches_every_parameter_and_every_input_voxel(dims, size, upsample):
+    """Every weight takes part in the output (no dead branch, no unused skip or time projection), and one
+    output voxel depends on the whole input (GroupNorm statistics and the deepest level span the image)."""
     torch.manual_seed(0)
-    net = TimeUNet(dims, 3, 2, channels=(8, 16, 32), upsample=upsample)
-    out = net(torch.randn(2, 3, *size), torch.tensor([0.0, 7.5]))
-    assert out.shape == (2, 2, *size)
-    assert torch.isfinite(out).all()
+    net = TimeUNet(dims, 3, 2, channels=(8, 16, 32), upsample=upsample, attention_levels=(2,))
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    out = net(x, torch.tensor([0.0, 7.5]))
+    assert out.shape == (2, 2, *size)  # the input's spatial size
+    out[(0, 1, *(s // 2 for s in size))].backward()
+    dead = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead
+    assert (x.grad[0].abs().sum(0) > 0).all()  # every input voxel of sample 0 reaches that output voxel
+    assert (x.grad[1] == 0).all()  # and none of sample 1 (samples are independent)
 
 
 def test_sinusoidal_matches_diffusers():
@@ -189,3 +197,99 @@ def test_imgx_reference_parameter_count():
     n = _n_params(net)
     print(f"ImgX reference TimeUNet parameters: {n:,}")
     assert 5_000_000 < n < 30_000_000
+
+
+# ---------------------------------------------------------------- improved-diffusion options (SegDiff, §2)
+IDDPM = dict(skips="block", time_conditioning="scale_shift", activation="silu", upsample="nearest")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_block_skips_layout_and_shapes(dims):
+    """A skip per block: conv_in, every encoder res(+attn) block and every down conv; num_res_blocks + 1
+    decoder blocks per level, each on cat(h, the last unused skip); down convs keep the width."""
+    torch.manual_seed(0)
+    channels, nrb = (8, 16, 32), 2
+    net = TimeUNet(dims, 3, 1, channels=channels, num_res_blocks=nrb, attention_levels=[2], **IDDPM)
+    assert net.skip_channels == [8, 8, 8, 8, 16, 16, 16, 32, 32]
+    assert len(net.output_blocks) == len(channels) * (nrb + 1)
+    res_in = [blk.blocks[0].conv1.in_channels for blk in net.output_blocks]
+    assert res_in == [32 + 32, 32 + 32, 32 + 16, 32 + 16, 16 + 16, 16 + 8, 16 + 8, 8 + 8, 8 + 8]
+    ups = [i for i, blk in enumerate(net.output_blocks) if type(blk.blocks[-1]).__name__ == "Resample"]
+    assert ups == [nrb, 2 * nrb + 1]  # the last block of every level but the first
+    x = torch.randn(2, 3, *([8] * dims))
+    out = net(x, torch.tensor([3.0, 900.0]))
+    assert out.shape == (2, 1, *([8] * dims))
+    out[(0, 0, *([4] * dims))].backward()  # every skip and every block takes part in the output
+    dead = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead
+    with pytest.raises(ValueError, match="neck"):
+        TimeUNet(dims, 3, 1, channels=channels, neck=nn.Identity(), **IDDPM)
+    with pytest.raises(ValueError, match="skips"):
+        TimeUNet(dims, 3, 1, channels=channels, skips="level_and_block")
+
+
+def test_scale_shift_norm_matches_its_formula():
+    """scale_shift: [scale, shift] = Linear(SiLU(temb)); h2 = GroupNorm(conv1(...))·(1 + scale) + shift."""
+    from diffseg.nets.blocks import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(2, 4, 6, time_dim=5, norm_groups=2, activation="silu", time_conditioning="scale_shift").eval()
+    assert block.time_proj.out_features == 12
+    x, temb = torch.randn(2, 4, 5, 5), torch.randn(2, 5)
+    h = block.conv1(F.silu(block.norm1(x)))
+    scale, shift = block.time_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
+    h = F.group_norm(h, 2, block.norm2.weight, block.norm2.bias, eps=block.norm2.eps) * (1 + scale) + shift
+    ref = block.skip(x) + block.conv2(F.silu(h))
+    torch.testing.assert_close(block(x, temb), ref)
+    with pytest.raises(ValueError, match="time_conditioning"):
+        ResBlock(2, 4, 6, time_dim=5, time_conditioning="film")
+
+
+def test_zero_init_blocks_start_as_identity():
+    torch.manual_seed(0)
+    net = TimeUNet(2, 2, 3, channels=(8, 16), attention_levels=[1], zero_init=True, **IDDPM)
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([1.0, 2.0])
+    assert net(x, t).abs().max() == 0  # the output conv starts at zero
+    res = net.input_blocks[0].blocks[0]  # 8 -> 8: its skip is the identity, its residual branch zero
+    h = torch.randn(2, 8, 8, 8)
+    torch.testing.assert_close(res(h, net._time(t, 2, h.device)), h)
+    attn = net.input_blocks[2].blocks[1]
+    torch.testing.assert_close(attn(torch.randn(2, 16, 4, 4).clone()) * 0, torch.zeros(2, 16, 4, 4))
+    h16 = torch.randn(2, 16, 4, 4)
+    torch.testing.assert_close(attn(h16), h16)
+    # zero_init=False keeps the default initialisation (same seed, same weights as before the option)
+    torch.manual_seed(0)
+    plain = TimeUNet(2, 2, 3, channels=(8, 16), attention_levels=[1], **IDDPM)
+    assert plain(x, t).abs().max() > 0
+
+
+def test_input_features_are_added_after_conv_in():
+    torch.manual_seed(0)
+    net = TimeUNet(2, 1, 1, channels=(8, 16), **IDDPM).eval()
+    x, t, f = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(2, 8, 8, 8)
+    hook = net.conv_in.register_forward_hook(lambda m, a, out: out + f)
+    ref = net(x, t)
+    hook.remove()
+    torch.testing.assert_close(net(x, t, input_features=f), ref)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fixed_share_of_the_input_conv_gives_the_same_output(dims):
+    """conv_in is linear: conv_in_fixed(first channels) + the rest (what ImgX computes once per window and
+    reuses at every sampling step) equals the network on the whole input."""
+    from diffseg.nets.slicewise import SliceWise
+
+    torch.manual_seed(0)
+    net = TimeUNet(dims, 5, 3, channels=[4, 8]).eval()
+    image, x_t = torch.randn(2, 3, *[8] * dims), torch.randn(2, 2, *[8] * dims)
+    t = torch.tensor([3.0, 700.0])
+    with torch.no_grad():
+        whole = net(torch.cat([image, x_t], 1), t)
+        torch.testing.assert_close(net(x_t, t, fixed=net.conv_in_fixed(image)), whole, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="fixed=conv_in_fixed"):
+            net(torch.cat([image, x_t], 1), t, fixed=net.conv_in_fixed(image))
+        if dims == 2:
+            sw = SliceWise(net)
+            fixed = sw.conv_in_fixed(image.unsqueeze(-1))
+            torch.testing.assert_close(sw(x_t.unsqueeze(-1), t, fixed=fixed), whole.unsqueeze(-1),
+                                       rtol=1e-4, atol=1e-5)

@@ -23,3 +23,21 @@ def test_every_experiment_named_in_readme_exists():
     names = text.split("- Experiments:", 1)[1].split("(see", 1)[0]
     for name in [n.strip(" `\n,") for n in names.split(",")]:
         assert (REPO / "experiments" / "experiment" / f"{name}.yaml").is_file(), name
+
+
+def test_environment_yml_installs_the_torch_the_readme_pins():
+    """environment.yml (the conda route) takes torch from pip at the README's pinned version, not from the
+    pytorch/nvidia conda channels (which stopped publishing new versions after 2.5)."""
+    import re
+
+    import yaml
+
+    pins = set(re.findall(r"pip install torch==([\w.+]+)", (REPO / "README.md").read_text()))
+    assert len(pins) == 1, f"the README pins torch once, found {pins}"
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert not {"pytorch", "nvidia"} & set(env.get("channels", []))
+    assert not [d for d in conda if re.match(r"(pytorch|torch)\b", d)], conda
+    assert [p for p in pip if re.match(r"torch\b", p)] == [f"torch=={pins.pop()}"], pip
+    assert "-e .[dev]" in pip

@@ -5,6 +5,7 @@ float64 arithmetic (loss, ε oracle), explicit Python averages (prefix means).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -299,10 +300,12 @@ def test_ema_weights_are_tracked_and_used_in_validation(tmp_path):
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[recorder],
                         default_root_dir=str(tmp_path))
     trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
-    # closed form: the first update copies the weights, then ema = d·ema + (1 - d)·w
+    # the first update copies the weights, then ema = d_n·ema + (1 - d_n)·w, d_n = min(decay, (1+n)/(10+n))
     expected = recorder.snapshots[0]
-    for snap in recorder.snapshots[1:]:
-        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, snap)]
+    for n, snap in enumerate(recorder.snapshots[1:], start=1):
+        d = min(decay, (1 + n) / (10 + n))
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, snap)]
+    assert int(model.ema.n_averaged) == steps
     ema = list(model.ema.module.parameters())
     for e, p in zip(expected, ema):
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
@@ -318,6 +321,52 @@ def test_ema_weights_are_tracked_and_used_in_validation(tmp_path):
     clone.load_state_dict(state)
     image, _ = binary_image(b=1, size=8)
     torch.testing.assert_close(clone.predict_case(image, "x")[FINAL], model.predict_case(image, "x")[FINAL])
+
+
+def _ema_closed_form(n: int, decay: float) -> float:
+    """Σ_k k·weight_k for the EMA after n updates of weights w_k = w_0 - k·c (k = 1..n): the first update
+    copies (weight_1 = Π_{j=2..n} d_j), then weight_k = (1 - d_k)·Π_{j=k+1..n} d_j with
+    d_j = min(decay, j/(j+9)) (the decay of update j, after j - 1 earlier ones)."""
+    d = {j: min(decay, j / (j + 9)) for j in range(2, n + 1)}
+    weights = {k: (1.0 if k == 1 else 1.0 - d[k]) * math.prod(d[j] for j in range(k + 1, n + 1))
+               for k in range(1, n + 1)}
+    assert sum(weights.values()) == pytest.approx(1.0)
+    return sum(k * w for k, w in weights.items())
+
+
+def test_ema_ramped_decay_matches_the_closed_form_and_resumes():
+    """Constant-gradient toy: SGD with gradient g and rate lr gives w_k = w_0 - k·lr·g, so the EMA after n
+    updates is w_0 - lr·g·Σ_k k·weight_k (weights of the ramped decay). A fixed decay 0.9999 would leave
+    the EMA near w_0 (Σ k·weight_k ~ 1); the ramp keeps ~the last 10-20% of the run. The update counter is
+    in the state dict: a model restored mid-run continues the same ramp."""
+    lr = 0.1
+
+    def run(model, start, stop):
+        params = list(model.net.parameters())
+        opt = torch.optim.SGD(params, lr=lr)
+        for _ in range(start, stop):
+            opt.zero_grad()
+            sum(p.sum() for p in params).backward()  # gradient 1 for every weight
+            opt.step()
+            model.ema.update_parameters(model.net)
+
+    for n, decay in ((30, 0.9999), (100, 0.9)):  # the ramp only; the ramp, then the cap (j >= 81)
+        torch.manual_seed(0)
+        model = make_model(_tiny_denoiser(), roi=(8, 8), ema_decay=decay)
+        w0 = [p.detach().clone() for p in model.net.parameters()]
+        run(model, 0, n)
+        m = _ema_closed_form(n, decay)
+        for p0, e in zip(w0, model.ema.module.parameters()):
+            torch.testing.assert_close(e, p0 - lr * m, rtol=0, atol=1e-4)  # float32 lerps
+        # resume from the state dict after n // 2 updates: the same EMA as the uninterrupted run
+        torch.manual_seed(0)
+        first = make_model(_tiny_denoiser(), roi=(8, 8), ema_decay=decay)
+        run(first, 0, n // 2)
+        resumed = make_model(_tiny_denoiser(), roi=(8, 8), ema_decay=decay)
+        resumed.load_state_dict(first.state_dict())
+        run(resumed, n // 2, n)
+        for e, r in zip(model.ema.module.parameters(), resumed.ema.module.parameters()):
+            torch.testing.assert_close(r, e, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- configuration errors

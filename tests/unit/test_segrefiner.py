@@ -15,8 +15,7 @@ from diffseg.data.datamodule import SegDataModule
 from diffseg.data.errors import DataError
 from diffseg.data.formats.folder2d import Folder2DSource
 from diffseg.data.synthetic import shapes2d_sample, write_shapes2d
-from diffseg.inference.global_local import (RefineSettings, global_local_refine, merge_patches, patch_boxes,
-                                            select_patches)
+from diffseg.inference.global_local import RefineSettings, global_local_refine, nms, select_patches
 from diffseg.models.base import FINAL
 from diffseg.models.segrefiner import SegRefiner, sobel_magnitude, texture_l1
 from diffseg.nets.unet import TimeUNet
@@ -26,44 +25,40 @@ EPS = 1e-6
 
 
 # ----------------------------------------------------------------------------- texture loss
-def test_texture_loss_closed_form_step_edge():
-    """Unit step at column c: after the 3-wide mean the row reads 0, 1/3, 2/3, 1 around the edge; the
-    Sobel gives |g| = 4·(v[x+1] - v[x-1]) = 4/3, 8/3, 8/3, 4/3 at x = c-2 .. c+1, 0 elsewhere.
-    A constant prediction (p = 0.5) has no gradient, so the loss is the mean of sqrt(g²+eps) - sqrt(eps)."""
-    h, w, c = 8, 16, 7
-    target = torch.zeros(1, 1, h, w)
-    target[..., c:] = 1.0
-    prob = torch.full_like(target, 0.5)
-    g = torch.tensor([4 / 3, 8 / 3, 8 / 3, 4 / 3], dtype=torch.float64)
-    expected = h * (torch.sqrt(g ** 2 + EPS) - EPS ** 0.5).sum() / (h * w)
-    got = texture_l1(prob, target, pool=3, eps=EPS)
-    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert got.item() == pytest.approx(8.0 / w, rel=1e-3)  # 8 x the total variation of a unit step
-    # symmetric in its arguments and zero for identical inputs
-    assert texture_l1(target, prob).item() == pytest.approx(got.item(), rel=1e-6)
-    assert texture_l1(target, target).item() == 0.0
+def reference_texture_loss(logits: np.ndarray, target: np.ndarray) -> float:
+    """The reference's TextureL1Loss from its definition (numpy/scipy, float64): 3x3 mean with zero padding
+    counted in the mean, cross-correlation with [[1,0,-1],[2,0,-2],[1,0,-1]]/4 and its transpose (zero
+    padding), magnitude sqrt(gx² + gy² + 1e-4), mean L1 between sigmoid(logits) and target."""
+    kx = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float64) / 4
+
+    def texture(img):
+        m = ndimage.correlate(img, np.full((3, 3), 1 / 9), mode="constant", cval=0.0)
+        gx = ndimage.correlate(m, kx, mode="constant", cval=0.0)
+        gy = ndimage.correlate(m, kx.T, mode="constant", cval=0.0)
+        return np.sqrt(gx ** 2 + gy ** 2 + 1e-4)
+
+    prob = 1 / (1 + np.exp(-logits))
+    return float(np.mean([np.abs(texture(p) - texture(t)) for p, t in zip(prob[:, 0], target[:, 0])]))
 
 
-def test_texture_loss_matches_scipy_oracle():
-    rng = np.random.default_rng(0)
-    prob = rng.uniform(size=(2, 1, 12, 10))
-    target = (rng.uniform(size=(2, 1, 12, 10)) > 0.5).astype(np.float64)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_texture_loss_equals_the_reference_definition(seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=3.0, size=(3, 1, 17, 12))
+    target = (rng.uniform(size=(3, 1, 17, 12)) > 0.5).astype(np.float64)
+    expected = reference_texture_loss(logits, target)
+    got = texture_l1(torch.sigmoid(torch.tensor(logits, dtype=torch.float32)), torch.tensor(target, dtype=torch.float32))
+    assert got.item() == pytest.approx(expected, abs=1e-5)
+    # the model's training loss uses it with the same defaults (pool 3, eps 1e-4)
+    model = stub_model()
+    assert model.texture_pool == 3 and model.texture_weight == 5.0
 
-    def mag(x):  # scipy: 3x3 mean (edge replicate), Sobel along both axes (edge replicate)
-        out = []
-        for img in x[:, 0]:
-            s = ndimage.uniform_filter(img, size=3, mode="nearest")
-            gy, gx = ndimage.sobel(s, axis=0, mode="nearest"), ndimage.sobel(s, axis=1, mode="nearest")
-            out.append(np.sqrt(gx ** 2 + gy ** 2 + EPS))
-        return np.stack(out)
 
-    expected = np.abs(mag(prob) - mag(target)).mean()
-    got = texture_l1(torch.tensor(prob), torch.tensor(target), pool=3, eps=EPS)
-    assert got.item() == pytest.approx(expected, rel=1e-10)
-    # pool=1: no smoothing, Sobel magnitude alone
-    s = torch.tensor(prob[:1])
-    ref = np.hypot(ndimage.sobel(prob[0, 0], 0, mode="nearest"), ndimage.sobel(prob[0, 0], 1, mode="nearest"))
-    np.testing.assert_allclose(sobel_magnitude(s, eps=0.0)[0, 0].numpy(), ref, atol=1e-12)
+def test_sobel_magnitude_is_scipy_sobel_over_4_with_zero_padding():
+    x = torch.rand(1, 1, 9, 11, dtype=torch.float64)
+    ref = np.hypot(ndimage.sobel(x[0, 0].numpy(), 0, mode="constant"), ndimage.sobel(x[0, 0].numpy(), 1, mode="constant")) / 4
+    np.testing.assert_allclose(sobel_magnitude(x, eps=0.0)[0, 0].numpy(), ref, atol=1e-12)
+    assert texture_l1(x, x).item() == 0.0
 
 
 def test_texture_loss_rejects_bad_input():
@@ -161,8 +156,10 @@ def test_config_errors():
         SegRefiner(net=tiny_unet(), **{**BASE, "num_classes": 3})
     with pytest.raises(ConfigError, match="unknown key"):
         stub_model(refine={"locall": True})
-    with pytest.raises(ConfigError, match="threshold"):
-        stub_model(refine={"threshold": 0.0})
+    with pytest.raises(ConfigError, match="fine_prob_thr"):
+        stub_model(refine={"fine_prob_thr": 0.0})
+    with pytest.raises(ConfigError, match="unknown key.*max_patches"):
+        stub_model(refine={"max_patches": 16})
     with pytest.raises(ConfigError, match="time_embedding='sinusoidal'"):
         SegRefiner(net=TimeUNet(2, 4, 1, channels=[8]), **BASE)
     with pytest.raises(ConfigError, match="num_time_steps=6 .expected 10"):
@@ -178,15 +175,15 @@ def labels(n=12, size=48):
     return [torch.tensor(shapes2d_sample(np.random.default_rng([5, i]), size)[1] > 0)[None].long() for i in range(n)]
 
 
-@pytest.mark.parametrize("iou_range", [(0.5, 0.8), (0.3, 0.6)])
-def test_rand_coarse_mask_binary_nonempty_in_range_and_random(iou_range):
-    t = RandCoarseMaskd(iou_range=iou_range).set_random_state(0)
+def test_rand_coarse_mask_binary_below_target_and_random():
+    iou_target = 0.8
+    t = RandCoarseMaskd(iou_target=iou_target).set_random_state(0)
     for lab in labels():
         lab = MetaTensor(lab, meta={"filename_or_obj": "x.png"})
         a, b = t({"label": lab, "case_id": "c"})["coarse"], t({"label": lab, "case_id": "c"})["coarse"]
         assert isinstance(a, MetaTensor) and a.dtype == torch.int64 and a.shape == lab.shape
-        assert set(a.unique().tolist()) <= {0, 1} and a.any()  # binary, non-empty from non-empty
-        assert iou_range[0] <= mask_iou(a[0].numpy(), lab[0].numpy()) < iou_range[1]
+        assert set(a.unique().tolist()) <= {0, 1}
+        assert mask_iou(a[0].numpy(), lab[0].numpy()) < iou_target
         assert not torch.equal(a, b)  # a new mask each call
     empty = {"label": torch.zeros(1, 16, 16, dtype=torch.long)}
     assert not t(empty)["coarse"].any()
@@ -199,7 +196,7 @@ def test_fixed_coarse_mask_deterministic_per_case_and_cached(monkeypatch):
     again = [t({"label": lab, "case_id": f"case_{i}"})["coarse"] for i, lab in enumerate(labs)]
     for a, b, lab in zip(first, again, labs):
         torch.testing.assert_close(a, b)
-        assert 0.5 <= mask_iou(a[0].numpy(), lab[0].numpy()) < 0.8
+        assert mask_iou(a[0].numpy(), lab[0].numpy()) < 0.8
     other_id = t({"label": labs[0], "case_id": "another"})["coarse"]
     other_seed = FixedCoarseMaskd(seed=2)({"label": labs[0], "case_id": "case_0"})["coarse"]
     assert not torch.equal(other_id, first[0]) and not torch.equal(other_seed, first[0])
@@ -239,7 +236,7 @@ def test_datamodule_serves_generated_or_file_coarse_masks(tmp_path):
     for c, lab in zip(batch["coarse"], batch["label"]):
         assert set(c.unique().tolist()) <= {0, 1}
         if lab.any():
-            assert 0.5 <= mask_iou(c[0].numpy(), lab[0].numpy()) < 0.8
+            assert mask_iou(c[0].numpy(), lab[0].numpy()) < 0.8
     val = [a.datasets["val"][i]["coarse"] for i in range(len(a.datasets["val"]))]
     again = [datamodule().datasets["val"][i]["coarse"] for i in range(len(val))]
     assert all(torch.equal(x, y) for x, y in zip(val, again))  # fixed evaluation masks
@@ -253,8 +250,8 @@ def test_datamodule_serves_generated_or_file_coarse_masks(tmp_path):
 
 
 def test_coarse_transform_bad_input():
-    with pytest.raises(DataError, match="iou_range"):
-        RandCoarseMaskd(iou_range=(0.8, 0.5))
+    with pytest.raises(DataError, match="iou_target: expected one number"):
+        RandCoarseMaskd(iou_target=(0.5, 0.8))
     with pytest.raises(DataError, match="2D label"):
         RandCoarseMaskd()({"label": torch.zeros(1, 4, 4, 4)})
     with pytest.raises(DataError, match="case_id"):
@@ -265,8 +262,8 @@ def test_coarse_transform_bad_input():
 @pytest.mark.parametrize("size", [(48, 80), (20, 24)])  # larger than the window (32, 32) / smaller (padded)
 def test_predict_case_windows_the_coarse_mask_with_the_image(size):
     """A denoiser that keeps its input mask returns the coarse mask exactly: the mask was windowed (or
-    padded) in register with the image."""
-    model = stub_model().eval()
+    padded) in register with the image (refine.local: false, the sliding window for larger images)."""
+    model = stub_model(refine={"local": False}).eval()
     coarse = torch.zeros(1, 1, *size, dtype=torch.long)
     coarse[..., 3:17, 5:19] = 1
     coarse[..., -9:, -7:] = 1
@@ -290,85 +287,131 @@ def test_predict_is_reproducible_per_case():
 
 
 # ----------------------------------------------------------------------------- global-then-local
-def test_select_patches_low_confidence_nms_and_limit():
-    conf = torch.ones(64, 64)
-    conf[10:14, 10:14] = 0.1   # blob A (16 pixels)
-    conf[50:52, 40:42] = 0.3   # blob B (4 pixels)
-    centres, boxes = select_patches(conf, (16, 16), threshold=0.5, max_patches=8, nms_iou=0.3)
-    assert len(centres) >= 2 and (conf[centres[:, 0], centres[:, 1]] < 0.5).all()  # centred on low confidence
-    assert (boxes[:, 2] - boxes[:, 0] == 16).all() and (boxes[:, 3] - boxes[:, 1] == 16).all()
-    covered = torch.zeros(64, 64, dtype=torch.bool)
-    for y0, x0, y1, x1 in boxes.tolist():
-        covered[y0:y1, x0:x1] = True
-    assert covered[conf < 0.5].all()
-    first = boxes[0].tolist()  # most uncertain pixels covered first: blob A
-    assert first[0] <= 10 and first[2] >= 14 and first[1] <= 10 and first[3] >= 14
-    # NMS: no two chosen patches overlap by more than nms_iou
-    for i in range(len(boxes)):
-        for j in range(i):
-            y = max(0, min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0]))
-            x = max(0, min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1]))
-            assert y * x / (2 * 256 - y * x) <= 0.3
-    assert len(select_patches(conf, (16, 16), 0.5, 1, 0.3)[0]) == 1
-    assert len(select_patches(conf, (16, 16), 0.05, 8, 0.3)[0]) == 0  # nothing uncertain
-    # boxes stay inside the image at the borders
-    b = patch_boxes(torch.tensor([[0, 63], [63, 0]]), (16, 16), (64, 64))
-    assert b.tolist() == [[0, 48, 16, 64], [48, 0, 64, 16]]
+def test_select_patches_hand_made_fine_probability():
+    """8x8 model resolution, 32x32 image (scale 4), patches of the model size 8. Fine probability 0.8
+    (its maximum) except at five points; 0.9 x 0.8 = 0.72 makes (3, 3) at 0.75 no centre. Centres (y, x) x 4,
+    boxes shifted inside the image, NMS on 1 - f at IoU 0.2 (|(0,0,8,8) ∩ (0,4,8,12)| = 32 / 96 = 1/3)."""
+    f = torch.full((8, 8), 0.8)
+    f[1, 1], f[1, 2], f[6, 6], f[6, 1], f[7, 7], f[3, 3] = 0.1, 0.2, 0.3, 0.5, 0.6, 0.75
+    boxes = select_patches(f, (32, 32), (8, 8), fine_prob_thr=0.9, nms_iou=0.2)
+    # score 0.9: centre (4, 4) -> (0, 0); 0.8: (4, 8) -> (0, 4), suppressed by the first; 0.7: (24, 24) -> (20, 20);
+    # 0.5: (24, 4) -> (20, 0); 0.4: (28, 28) -> shifted inside to (24, 24), IoU 16 / 112 with (20, 20)
+    assert boxes.tolist() == [[0, 0, 8, 8], [20, 20, 28, 28], [20, 0, 28, 8], [24, 24, 32, 32]]
+    looser = select_patches(f, (32, 32), (8, 8), fine_prob_thr=0.9, nms_iou=0.4)
+    assert looser.tolist() == [[0, 0, 8, 8], [0, 4, 8, 12], [20, 20, 28, 28], [20, 0, 28, 8], [24, 24, 32, 32]]
+    # a non-square image: y scaled by 16/8, x by 48/8 (truncated), patches stay inside
+    wide = select_patches(f, (16, 48), (8, 8), fine_prob_thr=0.9, nms_iou=0.2)
+    assert wide[0].tolist() == [0, 2, 8, 10]  # centre (2, 6)
+    assert ((wide[:, 2] <= 16) & (wide[:, 3] <= 48) & (wide[:, :2] >= 0).all(1)).all()
+    assert len(select_patches(torch.full((8, 8), 0.8), (32, 32), (8, 8), 0.9, 0.2)) == 0  # all equally fine
 
 
-def test_merge_patches_averages_overlaps():
-    base = torch.full((1, 1, 8, 8), 0.25)
-    boxes = torch.tensor([[0, 0, 4, 4], [2, 2, 6, 6]])
-    patches = torch.stack([torch.full((1, 4, 4), 1.0), torch.full((1, 4, 4), 0.0)])
-    out = merge_patches(base, patches, boxes)[0, 0]
-    assert out[0, 0] == 1.0 and out[5, 5] == 0.0 and out[3, 3] == 0.5 and out[7, 7] == 0.25
+def test_nms_fallback_matches_brute_force():
+    """Greedy NMS: a box is kept when no higher-scored kept box overlaps it by IoU > threshold."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.randint(0, 40, (60, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + 16], dim=1)
+    scores = torch.rand(60, generator=g)
+    keep = nms(boxes, scores, 0.2).tolist()
+    expected = []
+    for i in torch.argsort(scores, descending=True).tolist():
+        ious = [float(_iou(boxes[i], boxes[j])) for j in expected]
+        if all(v <= 0.2 for v in ious):
+            expected.append(i)
+    assert keep == expected
 
 
-def test_global_local_on_image_twice_the_training_size():
-    """The image holds the denoiser's logits: +8 everywhere except two zero squares (p = 0.5). The global
-    pass (32x32) blurs them; patches must sit on those low-confidence points and, merged, give the
-    full-resolution prediction inside the patches and the global one elsewhere."""
-    image = torch.full((1, 1, 64, 64), 8.0)
-    image[..., 8:12, 40:44] = 0.0
-    image[..., 44:50, 10:16] = 0.0
-    calls = []
-
-    def refine_fn(img, coarse, steps):
-        calls.append((tuple(img.shape), steps))
-        return torch.sigmoid(img[:, :1])
-
-    settings = RefineSettings(local=True, threshold=0.9, max_patches=4, nms_iou=0.3, batch_size=2)
-    out = global_local_refine(refine_fn, image, torch.ones(1, 1, 64, 64), (32, 32), settings, num_steps=6)
-    assert calls[0] == ((1, 1, 32, 32), 6) and all(s == 1 for _, s in calls[1:])
-    boxes = out["boxes"]
-    conf = (2 * out["global"][0, 0] - 1).abs()
-    assert 2 <= len(boxes) <= 4
-    centres = out["centres"]
-    assert (conf[centres[:, 0], centres[:, 1]] < 0.9).all()  # patches centred on low-confidence points
-    assert ((boxes[:, 2] - boxes[:, 0] == 32) & (boxes[:, 3] - boxes[:, 1] == 32)).all()
-    covered = torch.zeros(64, 64, dtype=torch.bool)
-    for y0, x0, y1, x1 in boxes.tolist():
-        covered[y0:y1, x0:x1] = True
-    assert covered[8:12, 40:44].all() and covered[44:50, 10:16].all()
-    full = torch.sigmoid(image)[0, 0]
-    torch.testing.assert_close(out["final"][0, 0][covered], full[covered])
-    torch.testing.assert_close(out["final"][0, 0][~covered], out["global"][0, 0][~covered])
-    assert (out["final"][0, 0][8:12, 40:44] == 0.5).all()  # sharp again after the local pass
+def _iou(a, b):
+    inter = (min(a[2], b[2]) - max(a[0], b[0])).clamp(min=0) * (min(a[3], b[3]) - max(a[1], b[1])).clamp(min=0)
+    return inter / (256 + 256 - inter)
 
 
-def test_model_uses_global_local_only_when_asked_and_larger():
+def test_global_local_filters_averages_binarises_and_pastes():
+    """A fake step function: the global pass (t = 5 .. 1 at 8x8) gives the left half as foreground and a
+    hand-made fine probability; the local pass (t = 0) gives a constant per patch. Patches all 1 or all 0
+    in the global mask are dropped; overlaps averaged, binarised at 0.5, pasted; the global mask elsewhere."""
+    image = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32)
+    coarse = torch.zeros(1, 1, 32, 32)
+    coarse[..., :, :16] = 1
+    f = torch.full((1, 1, 8, 8), 0.8)
+    f[0, 0, 1, 1] = 0.1   # centre (4, 4): box (0, 0, 8, 8), all foreground -> dropped
+    f[0, 0, 4, 4] = 0.2   # centre (16, 16): box (12, 12, 20, 20), mixed -> kept, local value 0.2
+    f[0, 0, 5, 4] = 0.3   # centre (20, 16): box (16, 12, 24, 20), IoU 1/3 with the previous, mixed -> 0.7
+    f[0, 0, 6, 6] = 0.4   # centre (24, 24): box (20, 20, 28, 28), all background -> dropped
+    calls, local_values = [], [0.2, 0.7]
+
+    def step_fn(img, mask, start, num_steps):
+        calls.append((tuple(img.shape), start, num_steps, img.clone(), mask.clone()))
+        if start == 5:
+            return mask.clone(), f  # the global probability: the (resized) coarse mask itself
+        return torch.full((len(img), 1, 8, 8), local_values[len(calls) - 2]), None
+
+    settings = RefineSettings(nms_iou=0.4, batch_max=1)
+    out = global_local_refine(step_fn, image, coarse, (8, 8), 6, settings)
+    assert [(c[0], c[1], c[2]) for c in calls] == [((1, 1, 8, 8), 5, 5), ((1, 1, 8, 8), 0, 1), ((1, 1, 8, 8), 0, 1)]
+    torch.testing.assert_close(calls[0][3], image[..., ::4, ::4])  # nearest resize of the image
+    assert out["boxes"].tolist() == [[12, 12, 20, 20], [16, 12, 24, 20]]
+    torch.testing.assert_close(calls[1][3], image[..., 12:20, 12:20])
+    torch.testing.assert_close(calls[1][4], coarse[..., 12:20, 12:20])  # the patch of the global mask
+    torch.testing.assert_close(out["global"], coarse)
+    expected = coarse.clone()
+    expected[..., 12:16, 12:20] = 0  # 0.2
+    expected[..., 16:20, 12:20] = 0  # (0.2 + 0.7) / 2 = 0.45 (the last patch alone would give 1)
+    expected[..., 20:24, 12:20] = 1  # 0.7
+    torch.testing.assert_close(out["final"], expected)
+
+
+class RecordingNet(StubNet):
+    """Logit = the first image channel (the image holds the logits); records every call's steps."""
+
+    def __init__(self):
+        super().__init__("image")
+
+
+def test_model_global_pass_steps_k_minus_1_to_1_then_local_at_0():
+    """64x64 image, training size 32: the network is called at t = 5, 4, 3, 2, 1 on the 32x32 global input,
+    then at t = 0 on full-resolution 32x32 patches around the uncertain column (logit 0 -> c = 0 -> f = 0)."""
     image = torch.full((1, 3, 64, 64), 8.0)
-    image[:, :, 20:26, 30:36] = -8.0
-    coarse = {"coarse": torch.ones(1, 1, 64, 64, dtype=torch.long)}
-    gl = stub_model("image", refine={"local": True, "max_patches": 3}).eval()
-    out = gl.predict_case(image, "c", coarse)
+    image[:, :, :, 32:] = -8.0
+    image[:, :, :, 30:34] = 0.0
+    coarse = torch.zeros(1, 1, 64, 64, dtype=torch.long)
+    coarse[..., :, :32] = 1
+    model = SegRefiner(net=RecordingNet(), **BASE).eval()
+    assert model.refine_settings.local and model.refine_settings.nms_iou == 0.2
+    out = model.predict_case(image, "c", {"coarse": coarse})
     assert set(out) == {FINAL, "global", "coarse"}
-    assert torch.equal(out[FINAL].argmax(1), (image[:, 0] > 0).long())
-    assert gl.net.calls[0][0] == (1, 4, 32, 32) and len(gl.net.calls) == 6 + 1  # global K steps + 1 batch
-    small = gl.predict_case(image[..., :32, :32], "c", {"coarse": coarse["coarse"][..., :32, :32]})
-    assert set(small) == {FINAL, "coarse"}  # no larger than the training size: plain refinement
-    window = stub_model("image").eval().predict_case(image, "c", coarse)
-    assert set(window) == {FINAL, "coarse"}  # local: false -> sliding window
+    steps = [t.tolist() for _, t in model.net.calls]
+    shapes = [s for s, _ in model.net.calls]
+    assert steps[:5] == [[5], [4], [3], [2], [1]] and shapes[:5] == [(1, 4, 32, 32)] * 5
+    local = steps[5:]  # every later call: a batch of local patches at t = 0, one patch each
+    assert local and all(set(t) == {0} for t in local) and all(s[1:] == (4, 32, 32) for s in shapes[5:])
+    assert sum(len(t) for t in local) == model.last_local_patches >= 1
+    # local patches see the full-resolution logits: the output is sharp where the logits are
+    assert torch.equal(out[FINAL].argmax(1)[..., :, :30], torch.ones(1, 64, 30, dtype=torch.long))
+    assert torch.equal(out[FINAL].argmax(1)[..., :, 34:], torch.zeros(1, 64, 30, dtype=torch.long))
+    # no larger than the training size: plain refinement t = 5 .. 0; local: false -> sliding window
+    model.net.calls.clear()
+    small = model.predict_case(image[..., :32, :32], "c", {"coarse": coarse[..., :32, :32]})
+    assert set(small) == {FINAL, "coarse"} and [t.tolist() for _, t in model.net.calls] == [[t] for t in range(5, -1, -1)]
+    window = SegRefiner(net=RecordingNet(), refine={"local": False}, **BASE).eval().predict_case(image, "c", {"coarse": coarse})
+    assert set(window) == {FINAL, "coarse"}
+
+
+def test_refine_steps_run_k_minus_1_downwards():
+    model = SegRefiner(net=RecordingNet(), refine={"steps": 2}, **BASE).eval()
+    coarse = torch.ones(1, 1, 32, 32, dtype=torch.long)
+    model.predict_case(torch.full((1, 3, 32, 32), 8.0), "c", {"coarse": coarse})
+    assert [t.tolist() for _, t in model.net.calls] == [[5], [4]]  # the coarse mask is the state at t = K-1
+
+
+@pytest.mark.parametrize("pixels,empty", [(128, True), (129, False)])
+def test_coarse_mask_of_at_most_128_pixels_gives_an_empty_mask(pixels, empty):
+    model = stub_model().eval()  # the network keeps its input mask
+    coarse = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    coarse.view(-1)[:pixels] = 1
+    out = model.predict_case(torch.zeros(1, 3, 32, 32), "c", {"coarse": coarse})
+    assert out[FINAL].argmax(1).sum().item() == (0 if empty else pixels)
+    assert torch.equal(out["coarse"].argmax(1, keepdim=True), coarse)  # the input is still scored as it was
 
 
 # ----------------------------------------------------------------------------- refine.py helpers
@@ -406,3 +449,35 @@ def test_refine_binarises_coarse_masks():
     with pytest.raises(DataError, match="4 gray levels.*coarse_threshold"):
         binarise_coarse(soft, "soft.png", None)
     assert binarise_coarse(soft, "soft.png", 128).tolist() == [[[[0.0, 0.0], [1.0, 1.0]]]]
+
+
+# ----------------------------------------------------------------------------- the reference's optimisation
+@pytest.mark.parametrize("experiment", ["segrefiner_folder2d budget=none", "segrefiner_dis", "segrefiner_big"])
+@pytest.mark.parametrize("scale", ["paper", "tiny"])
+def test_config_selects_the_reference_optimisation(experiment, scale):
+    """SegRefiner's model config picks model/lr_schedule=step_decay (halved at 2/3 and 5/6 of the run: 80k and
+    100k of 120k steps), AdamW with weight decay 0 and no warm-up: the experiments that reproduce the paper
+    and any SegRefiner run without a shared budget; the 2D comparison family trains under its own budget."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    repo = Path(__file__).resolve().parents[2]
+    name, *extra = experiment.split()
+    with initialize_config_dir(config_dir=str(repo / "experiments"), version_base="1.3"):
+        cfg = compose("fit", overrides=[f"experiment={name}", "data.root=/x", f"scale={scale}", *extra])
+        family = compose("fit", overrides=["experiment=segrefiner_folder2d", "data=shapes2d", f"scale={scale}"])
+    assert cfg.budget_name == "none"
+    assert cfg.model.lr_schedule._target_ == "diffseg.models.lr_schedules.step_decay"
+    assert cfg.model.lr_schedule.warmup_steps == 0 and cfg.model.optimizer.weight_decay == 0.0
+    assert cfg.model.optimizer._target_ == "torch.optim.AdamW"
+    schedule = instantiate(cfg.model.lr_schedule)
+    assert [schedule(s, total_steps=120_000) for s in (0, 79_999, 80_000, 99_999, 100_000, 119_999)] == \
+        [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    assert family.budget_name == "family_2d"
+    assert family.model.lr_schedule._target_ == "diffseg.models.lr_schedules.warmup_cosine"
+    # the coarse masks of training and evaluation: the reference's IoU target, no range
+    if name != "segrefiner_big":  # (BIG trains on a named segmenter's coarse masks)
+        assert cfg.coarse.iou_target == 0.8 and "iou_range" not in cfg.coarse
+        assert cfg.data.train_transforms[0].iou_target == 0.8 and cfg.data.eval_transforms[0].iou_target == 0.8
