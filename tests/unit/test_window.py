@@ -88,9 +88,9 @@ def test_validation_stitches_only_the_final_output():
     model = _model()
     image = torch.randn(1, IN, *VOLUME, generator=torch.Generator().manual_seed(2))
     with_curves = model.predict_case(image, "case_v")
-    model.curves = False
+    model.curves, model.spread = False, False  # what validation sets (base.timed_predict_case)
     final_only = model.predict_case(image, "case_v")
     assert set(final_only) == {FINAL} and set(model.evaluated_outputs) == {FINAL}
     assert torch.equal(final_only[FINAL], with_curves[FINAL])
-    model.curves = True
+    model.curves, model.spread = True, True
     assert set(model.evaluated_outputs) == {FINAL, "step/1", "step/2", "step/3"}
