@@ -150,7 +150,10 @@ class SegRefiner(SegmentationModule):
             raise ValueError(f"SegRefiner.predict_window: expected {self.image_channels} image channels + 1 "
                              f"coarse channel, got {image.shape[1]} channels")
         img, coarse = image[:, :-1], (image[:, -1:] > 0.5).float()
-        return {FINAL: two_class(self.refine_mask(img, coarse)), "coarse": two_class(coarse)}
+        out = {FINAL: two_class(self.refine_mask(img, coarse))}
+        if self.curves:  # the coarse mask's own scores, at test
+            out["coarse"] = two_class(coarse)
+        return out
 
     @torch.no_grad()
     def predict_case(self, image, case_id, batch=None):
