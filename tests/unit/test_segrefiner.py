@@ -391,6 +391,10 @@ def test_model_global_pass_steps_k_minus_1_to_1_then_local_at_0():
     # local patches see the full-resolution logits: the output is sharp where the logits are
     assert torch.equal(out[FINAL].argmax(1)[..., :, :30], torch.ones(1, 64, 30, dtype=torch.long))
     assert torch.equal(out[FINAL].argmax(1)[..., :, 34:], torch.zeros(1, 64, 30, dtype=torch.long))
+    model.curves = False  # validation: the final mask only, the same one
+    assert set(final_only := model.predict_case(image, "c", {"coarse": coarse})) == {FINAL}
+    assert torch.equal(final_only[FINAL], out[FINAL])
+    model.curves = True
     # no larger than the training size: plain refinement t = 5 .. 0; local: false -> sliding window
     model.net.calls.clear()
     small = model.predict_case(image[..., :32, :32], "c", {"coarse": coarse[..., :32, :32]})
