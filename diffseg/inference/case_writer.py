@@ -124,8 +124,12 @@ class CaseWriter:
         inverted = mt.Invertd(keys=names, transform=self.pipeline, orig_keys=["image"] * len(names),
                               nearest_interp=False)({"image": reference, **data})
         result = {name: torch.as_tensor(inverted[name]).float() for name in names}
-        affine = np.asarray(inverted[FINAL].affine, dtype=np.float64) if self.spatial_dims == 3 else None
-        return result, affine
+        if self.spatial_dims != 3:
+            return result, None
+        # the inverted affine (MONAI drops it when no operation changed the grid: then the file's own)
+        affine = getattr(inverted[FINAL], "affine", None)
+        affine = affine if affine is not None else item.meta.get("original_affine", item.affine)
+        return result, np.asarray(torch.as_tensor(affine).reshape(-1, 4, 4)[0], dtype=np.float64)
 
     def write(self, case_id: str, outputs: Mapping[str, torch.Tensor], image) -> dict[str, Path]:
         """Write the mask (and maps); returns {"file": mask path, "std": ..., "entropy": ...}."""
