@@ -8,7 +8,6 @@ spacing and padding, writing its prediction must give back the input's label fil
 from __future__ import annotations
 
 import csv
-import gzip
 from pathlib import Path
 
 import nibabel as nib
