@@ -80,8 +80,8 @@ class Oracle(SegmentationModule):
         images, seg = self.files[case_id]
         label = self.pipeline({"image": images if len(images) > 1 else images[0], "label": seg})["label"]
         assert label.shape[1:] == image.shape[2:], "the oracle's grid is the pipeline's"
-        onehot = torch.nn.functional.one_hot(label[0].long(), self.num_classes).movedim(-1, 0)[None].float()
-        return {FINAL: onehot}
+        onehot = torch.nn.functional.one_hot(label[0].as_tensor().long(), self.num_classes).movedim(-1, 0)[None]
+        return {FINAL: onehot.float()}  # a plain tensor, as a network returns
 
 
 def run_oracle(monkeypatch, run_cfg, label_map, files, input_dir, out) -> list[dict]:
@@ -185,7 +185,8 @@ class LabelOracle(SegmentationModule):
     """At test time the batch carries the label in the pipeline's grid: predict exactly it."""
 
     def predict_case(self, image, case_id, batch=None):
-        return {FINAL: torch.nn.functional.one_hot(batch["label"][0, 0].long(), self.num_classes).movedim(-1, 0)[None].float()}
+        label = batch["label"][0, 0].as_tensor().long()  # a plain tensor, as a network returns
+        return {FINAL: torch.nn.functional.one_hot(label, self.num_classes).movedim(-1, 0)[None].float()}
 
 
 def test_save_predictions_at_test_time_writes_the_input_grid_and_values(tmp_path):
