@@ -299,6 +299,7 @@ def compose_predict(*overrides: str):
         return compose("predict", overrides=list(overrides))
 
 
+@pytest.mark.slow
 def test_ddp_cpu_writes_each_case_once_equal_to_single_process(unet_ckpt, tmp_path):
     write_brats_cases(tmp_path / "new", tmp_path / "truth", 3, shape=(40, 36, 30))
     args = [f"ckpt={unet_ckpt}", f"input={tmp_path / 'new'}", "trainer.enable_progress_bar=false"]
@@ -351,6 +352,7 @@ def test_bad_input_stops_before_any_case_naming_the_file(unet_ckpt, tmp_path, ca
     assert not out.exists() or not list(out.glob("*.nii.gz"))  # nothing predicted
 
 
+@pytest.mark.slow
 def test_bad_input_through_the_script(unet_ckpt, tmp_path):
     write_brats_cases(tmp_path / "new", tmp_path / "truth", 2, shape=(20, 20, 16))
     path = _break(tmp_path / "new", "unreadable")
