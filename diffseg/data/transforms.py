@@ -72,7 +72,8 @@ class ToFloatImaged(mt.MapTransform):
 
 
 class PlainMetad(mt.MapTransform):
-    """Image metadata reduced to tensors and plain values, and no transform trace (nothing is inverted).
+    """Image metadata and the transform trace (``applied_operations``, which predictions are inverted with:
+    diffseg.inference.case_writer) reduced to tensors and plain values.
 
     A disk-cached case is then read back with ``torch.load(weights_only=True)``: NIfTI headers carry NumPy
     values, which the safe loader refuses (MONAI would silently recompute every cached case). The affine,
@@ -84,7 +85,7 @@ class PlainMetad(mt.MapTransform):
             arr = d[key]
             if isinstance(arr, MetaTensor):
                 arr.meta = {k: _plain(v) for k, v in arr.meta.items()}
-                arr.applied_operations = []
+                arr.applied_operations = [_plain(op) for op in arr.applied_operations]
         return d
 
 
@@ -97,8 +98,8 @@ def _plain(value):
         return value.value
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, dict):  # enum keys too (MONAI's TraceKeys are str enums: lookups still match)
+        return {(k.value if isinstance(k, enum.Enum) else k): _plain(v) for k, v in value.items()}
     return value
 
 

@@ -38,6 +38,7 @@ from monai.data import Dataset, list_data_collate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from diffseg.data.datamodule import SegDataModule
 from diffseg.data.errors import DataError
 from diffseg.data.formats.base import Case, Source
 from diffseg.data.formats.msd import MSDSource
@@ -90,7 +91,7 @@ def run_label_map(run_cfg: DictConfig, source: Source, folder: Path) -> LabelMap
 class NewCases(L.LightningDataModule):
     """New cases through the run's deterministic pipeline, one per batch, sharded over ranks without padding."""
 
-    def __init__(self, cases: list[Case], pipeline: mt.Compose, num_workers: int = 0):
+    def __init__(self, cases: list[Case], pipeline: mt.Compose, num_workers: int | str = 0, pin_memory: bool | str = False):
         super().__init__()
         records = []
         for c in cases:
@@ -99,7 +100,10 @@ class NewCases(L.LightningDataModule):
                 rec["coarse"] = c.coarse
             records.append(rec)
         self.dataset = Dataset(records, transform=pipeline)
-        self.num_workers = num_workers
+        self.num_workers, self.pin_memory = num_workers, pin_memory  # the run's data.num_workers / pin_memory
+
+    # the run's loader settings (``auto``: workers and pinned memory on GPU, none on CPU)
+    loader_settings = SegDataModule.loader_settings
 
     def predict_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
@@ -109,8 +113,8 @@ class NewCases(L.LightningDataModule):
                             "(use fewer devices)")
         # rank r takes cases r, r+W, r+2W, ...: no padding, so every case is predicted and written once
         sampler = UnrepeatedDistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(self.dataset, batch_size=1, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=list_data_collate)
+        return DataLoader(self.dataset, batch_size=1, sampler=sampler, collate_fn=list_data_collate,
+                          **self.loader_settings())
 
 
 def _gather(items: list) -> list:
@@ -166,7 +170,8 @@ def _cascade(cfg: DictConfig, out: Path) -> str | None:
     ckpt = resolve_checkpoint(path)
     if not ckpt.is_file():
         return str(path)
-    stage = OmegaConf.merge(cfg, {"ckpt": str(ckpt), "coarse": None, "out": str(out / "coarse"), "overrides": {}})
+    stage = OmegaConf.merge(cfg, {"ckpt": str(ckpt), "coarse": None, "out": str(out / "coarse")})
+    stage.overrides = {}  # the refiner's overrides are not the coarse model's (a merge would keep them)
     log.info("cascade: predicting the coarse masks with %s into %s", ckpt, out / "coarse")
     predict(stage)
     if dist.is_available() and dist.is_initialized():
@@ -212,8 +217,8 @@ def predict(cfg: DictConfig) -> list[dict]:
                           default_root_dir=str(out), _convert_="all")
     torch.set_float32_matmul_precision("high")
     log.info("predicting %d case(s) of %s with %s", len(cases), folder, resolve_checkpoint(ckpt))
-    trainer.predict(model, datamodule=NewCases(cases, pipeline, int(data.get("num_workers", 0))),
-                    return_predictions=False)
+    new_cases = NewCases(cases, pipeline, data.get("num_workers", 0), data.get("pin_memory", False))
+    trainer.predict(model, datamodule=new_cases, return_predictions=False)
     if trainer.is_global_zero:
         print(f"wrote {len(writer.rows)} case(s) to {out}/ (summary.csv)")
     for logger in loggers:

@@ -111,7 +111,8 @@ class CaseWriter:
     def to_input_space(self, outputs: Mapping[str, torch.Tensor], image) -> tuple[dict[str, torch.Tensor], np.ndarray | None]:
         """({name: (C, *S_input) tensor}, affine of the input or None) for FINAL and the maps."""
         names = [FINAL] + [k for k in SPREAD_MAPS if k in outputs]
-        data = {name: outputs[name][0].detach().float().cpu() for name in names}
+        # plain tensors (a model's outputs carry no trace; Invertd inverts MetaTensors only)
+        data = {name: torch.as_tensor(outputs[name][0]).detach().float().cpu() for name in names}
         item = image
         if isinstance(image, MetaTensor) and image.ndim == self.spatial_dims + 2:
             item = decollate_batch({"image": image.detach().cpu()[:1]})[0]["image"]  # one case, its own meta
@@ -122,10 +123,14 @@ class CaseWriter:
         reference = MetaTensor(torch.zeros(1), meta=copy.deepcopy(item.meta),
                                applied_operations=_bilinear_for_area(item.applied_operations))
         inverted = mt.Invertd(keys=names, transform=self.pipeline, orig_keys=["image"] * len(names),
-                              nearest_interp=False)({"image": reference, **data})
+                              nearest_interp=False)({"image": reference, **{k: MetaTensor(v) for k, v in data.items()}})
         result = {name: torch.as_tensor(inverted[name]).float() for name in names}
-        affine = np.asarray(inverted[FINAL].affine, dtype=np.float64) if self.spatial_dims == 3 else None
-        return result, affine
+        if self.spatial_dims != 3:
+            return result, None
+        # the inverted affine (MONAI drops it when no operation changed the grid: then the file's own)
+        affine = getattr(inverted[FINAL], "affine", None)
+        affine = affine if affine is not None else item.meta.get("original_affine", item.affine)
+        return result, np.asarray(torch.as_tensor(affine).reshape(-1, 4, 4)[0], dtype=np.float64)
 
     def write(self, case_id: str, outputs: Mapping[str, torch.Tensor], image) -> dict[str, Path]:
         """Write the mask (and maps); returns {"file": mask path, "std": ..., "entropy": ...}."""

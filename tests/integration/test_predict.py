@@ -8,7 +8,6 @@ spacing and padding, writing its prediction must give back the input's label fil
 from __future__ import annotations
 
 import csv
-import gzip
 from pathlib import Path
 
 import nibabel as nib
@@ -81,8 +80,8 @@ class Oracle(SegmentationModule):
         images, seg = self.files[case_id]
         label = self.pipeline({"image": images if len(images) > 1 else images[0], "label": seg})["label"]
         assert label.shape[1:] == image.shape[2:], "the oracle's grid is the pipeline's"
-        onehot = torch.nn.functional.one_hot(label[0].long(), self.num_classes).movedim(-1, 0)[None].float()
-        return {FINAL: onehot}
+        onehot = torch.nn.functional.one_hot(label[0].as_tensor().long(), self.num_classes).movedim(-1, 0)[None]
+        return {FINAL: onehot.float()}  # a plain tensor, as a network returns
 
 
 def run_oracle(monkeypatch, run_cfg, label_map, files, input_dir, out) -> list[dict]:
@@ -186,7 +185,8 @@ class LabelOracle(SegmentationModule):
     """At test time the batch carries the label in the pipeline's grid: predict exactly it."""
 
     def predict_case(self, image, case_id, batch=None):
-        return {FINAL: torch.nn.functional.one_hot(batch["label"][0, 0].long(), self.num_classes).movedim(-1, 0)[None].float()}
+        label = batch["label"][0, 0].as_tensor().long()  # a plain tensor, as a network returns
+        return {FINAL: torch.nn.functional.one_hot(label, self.num_classes).movedim(-1, 0)[None].float()}
 
 
 def test_save_predictions_at_test_time_writes_the_input_grid_and_values(tmp_path):
@@ -266,19 +266,21 @@ def test_imgx_std_map_over_4_samples(tmp_path, monkeypatch):
 def make_checkpoint(out: Path, *overrides: str) -> Path:
     """A run directory with an (untrained) checkpoint of the real config of ``overrides`` (fit.py's
     composition; the data description keys given instead of read from files)."""
+    import lightning as L
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
-    import diffseg.drivers.cli  # noqa: F401 - config resolvers
+    from diffseg.drivers.run import build_model
 
     with initialize_config_dir(config_dir=str(REPO / "experiments"), version_base="1.3"):
         cfg = compose("fit", overrides=[*overrides, "data.root=/training/data", "scale=tiny",
                                         f"paths.output_dir={out}"])
     torch.manual_seed(0)
-    model = instantiate(cfg.model, _convert_="all")
+    model = build_model(cfg)
     path = out / "checkpoints" / "best.ckpt"
     path.parent.mkdir(parents=True)
-    torch.save({"state_dict": model.state_dict(), "diffseg_config": OmegaConf.to_container(cfg, resolve=True)}, path)
+    # what Lightning's checkpoint holds for load_from_checkpoint: weights and hyper-parameters (run config inside)
+    torch.save({"state_dict": model.state_dict(), model.CHECKPOINT_HYPER_PARAMS_KEY: dict(model.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
     return out
 
 
@@ -297,6 +299,7 @@ def compose_predict(*overrides: str):
         return compose("predict", overrides=list(overrides))
 
 
+@pytest.mark.slow
 def test_ddp_cpu_writes_each_case_once_equal_to_single_process(unet_ckpt, tmp_path):
     write_brats_cases(tmp_path / "new", tmp_path / "truth", 3, shape=(40, 36, 30))
     args = [f"ckpt={unet_ckpt}", f"input={tmp_path / 'new'}", "trainer.enable_progress_bar=false"]
@@ -349,6 +352,7 @@ def test_bad_input_stops_before_any_case_naming_the_file(unet_ckpt, tmp_path, ca
     assert not out.exists() or not list(out.glob("*.nii.gz"))  # nothing predicted
 
 
+@pytest.mark.slow
 def test_bad_input_through_the_script(unet_ckpt, tmp_path):
     write_brats_cases(tmp_path / "new", tmp_path / "truth", 2, shape=(20, 20, 16))
     path = _break(tmp_path / "new", "unreadable")
@@ -367,10 +371,11 @@ def test_segrefiner_refines_a_coarse_folder_or_another_models_output(tmp_path):
     unet = make_checkpoint(tmp_path / "unet", "experiment=unet_folder2d", *two_d)
     refiner = make_checkpoint(tmp_path / "refiner", "experiment=segrefiner_folder2d", *two_d)
     data = write_shapes2d(tmp_path / "shapes", num_cases=2, size=64)
-    args = [f"input={data / 'images'}", "trainer.enable_progress_bar=false", "+overrides.model.refine.steps=2"]
-    predict(compose_predict(f"ckpt={refiner}", f"coarse={unet}", f"out={tmp_path / 'cascade'}", *args))
+    args = [f"input={data / 'images'}", "trainer.enable_progress_bar=false"]
+    refine = [f"ckpt={refiner}", "+overrides.model.refine.steps=2", *args]
+    predict(compose_predict(*refine, f"coarse={unet}", f"out={tmp_path / 'cascade'}"))
     predict(compose_predict(f"ckpt={unet}", f"out={tmp_path / 'unet_out'}", *args))
-    predict(compose_predict(f"ckpt={refiner}", f"coarse={tmp_path / 'unet_out'}", f"out={tmp_path / 'folder'}", *args))
+    predict(compose_predict(*refine, f"coarse={tmp_path / 'unet_out'}", f"out={tmp_path / 'folder'}"))
     stems = sorted(p.stem for p in (data / "images").iterdir())
     for stem in stems:
         coarse = np.asarray(Image.open(tmp_path / "cascade" / "coarse" / f"{stem}.png"))
@@ -379,4 +384,4 @@ def test_segrefiner_refines_a_coarse_folder_or_another_models_output(tmp_path):
         assert refined.shape == (64, 64) and set(np.unique(refined)) <= {0, 255}
         np.testing.assert_array_equal(refined, np.asarray(Image.open(tmp_path / "folder" / f"{stem}.png")))
     with pytest.raises(Exception, match="SegRefiner checkpoints refine coarse masks"):
-        predict(compose_predict(f"ckpt={refiner}", f"out={tmp_path / 'none'}", *args))
+        predict(compose_predict(*refine, f"out={tmp_path / 'none'}"))
