@@ -57,3 +57,31 @@ def run_script(script: str, *args: str, cache: Path | None = None, timeout: int 
 
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, cache_dir):
+    """``trained_run(*fit_args) -> run dir``: a tiny training run done once per test session, shared by every
+    test file and every pytest-xdist worker (keyed by its arguments, guarded by a file lock), so that the same
+    model is not trained in several places. Tests must treat the run directory as read-only."""
+    import hashlib
+    import shutil
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, not the user's
+    root = shared / "trained_runs"
+    root.mkdir(exist_ok=True)
+
+    def get(*args: str) -> Path:
+        key = hashlib.sha1("\0".join(args).encode()).hexdigest()[:12]
+        out = root / key
+        with FileLock(str(root / f"{key}.lock")):
+            if not (out / "metrics.json").is_file():
+                shutil.rmtree(out, ignore_errors=True)
+                proc = run_script("fit.py", *args, f"hydra.run.dir={out}", cache=cache_dir)
+                (out / "fit_stdout.txt").write_text(proc.stdout)  # what the user saw (the metrics table)
+        return out
+
+    return get

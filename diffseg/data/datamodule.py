@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader as TorchDataLoader
 from diffseg.data.errors import DataError
 from diffseg.data.formats.base import Case, Source
 from diffseg.data.integrity import assert_dataset_ok
+from diffseg.data.resumable import EpochSampler, SeededTransformDataset
 from diffseg.data.transforms import deterministic_transforms, preprocessing_fingerprint, random_transforms
 
 SPLITS = ("train", "val", "test")
@@ -209,6 +210,7 @@ class SegDataModule(L.LightningDataModule):
         self._info = None
         self.splits: dict[str, list[str]] | None = None
         self.datasets: dict[str, Any] = {}
+        self._resume_position: tuple[int, int] | None = None  # (epoch, batches done) of a resumed run
 
     # ---------------------------------------------------------------- description
     def ensure_files(self) -> None:
@@ -346,7 +348,9 @@ class SegDataModule(L.LightningDataModule):
                                         extra_label_keys=extra, foreground_ratio=self.foreground_ratio,
                                         **self.augment_kwargs)
                 rnd = rnd + self.extra_train_transforms
-                ds = Dataset(RepeatDataset(ds, self.samples_per_epoch), transform=mt.Compose(rnd))
+                # random transforms seeded per (run seed, epoch, item): a resumed run draws the same patches
+                ds = SeededTransformDataset(RepeatDataset(ds, self.samples_per_epoch), mt.Compose(rnd),
+                                            seed=torch.initial_seed())
             self.datasets[name] = ds
 
     # ---------------------------------------------------------------- loaders
@@ -361,7 +365,8 @@ class SegDataModule(L.LightningDataModule):
         CPUs per local rank minus one (at most MAX_AUTO_WORKERS) and pinned memory; on CPU, none (the
         model uses the cores)."""
         trainer = getattr(self, "trainer", None)
-        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        strategy = getattr(trainer, "strategy", None)  # None: no trainer (a loader built by hand)
+        on_gpu = strategy is not None and strategy.root_device.type == "cuda"
         workers = self.num_workers
         if workers == "auto":
             workers = 0
@@ -375,20 +380,31 @@ class SegDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._dist()
         ds = self.datasets["train"]
-        if world > 1:
-            sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
-                                                          seed=self.split_seed)
-        else:
-            sampler = torch.utils.data.RandomSampler(ds)
-        # MONAI's DataLoader seeds the random transforms (crops, flips, coarse masks) from its generator, in
-        # this process or in each worker: with seed_everything(seed) a run's patches are reproducible
-        # (torch's DataLoader leaves them on MONAI's unseeded global RandomState). The generator is the
-        # loader's own (run seed + rank): with num_workers=0 MONAI re-seeds the generator it draws from, which
-        # would restart torch's global stream (the diffusion noise) if it were the default one.
-        generator = torch.Generator().manual_seed((torch.initial_seed() + rank) % 2**63)
+        drop_last = len(ds) >= world * self.batch_size
+        # the epoch's order: a permutation seeded by (run seed, epoch), rank r taking every W-th item; after a
+        # restart mid-epoch, the batches already trained on are skipped (state_dict / load_state_dict)
+        sampler = EpochSampler(len(ds), ds.seed, rank, world, drop_last=drop_last)
+        if self._resume_position is not None:
+            epoch, batches = self._resume_position
+            sampler.resume_from(epoch, batches * self.batch_size)
+            self._resume_position = None
+        # MONAI's DataLoader with its own generator (run seed + rank): it never re-seeds torch's global stream
+        # (the diffusion noise); the random transforms are seeded per item by the dataset
+        generator = torch.Generator().manual_seed((ds.seed + rank) % 2**63)
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=list_data_collate,
-                          drop_last=len(ds) >= world * self.batch_size, generator=generator,
-                          **self.loader_settings())
+                          drop_last=drop_last, generator=generator, **self.loader_settings())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the epoch (saved in every checkpoint): (epoch, batches trained on)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"train_epoch": int(trainer.current_epoch), "train_batches_done": int(progress.processed)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_epoch" in state_dict:
+            self._resume_position = (int(state_dict["train_epoch"]), int(state_dict["train_batches_done"]))
 
     def _eval_loader(self, name: str) -> TorchDataLoader:
         if name not in self.datasets:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import diffseg.drivers.cli  # noqa: F401 - registers the config resolvers (${sum:...})
 from diffseg.data.datamodule import SegDataModule
+from diffseg.data.resumable import RNGStateInCheckpoint
 from diffseg.metrics.scoring import scalar_view
 from diffseg.utils.checkpoint import AtomicCheckpointIO, LastCheckpointOnInterrupt
 from diffseg.utils.errors import ConfigError
@@ -111,7 +112,8 @@ def build_callbacks(cfg: DictConfig, out_dir: Path, loggers: list) -> list:
             log.info("callbacks.%s: no logger is configured, so the learning rate is not logged", name)
             continue
         callbacks.append(callback)
-    return callbacks + [LastCheckpointOnInterrupt(out_dir / "checkpoints")]
+    # resuming reproduces the uninterrupted run: the global RNG states travel in every checkpoint
+    return callbacks + [RNGStateInCheckpoint(), LastCheckpointOnInterrupt(out_dir / "checkpoints")]
 
 
 def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
@@ -229,6 +231,11 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
     last = out_dir / "checkpoints" / "last.ckpt"
     ckpt_path = None
+    if not cfg.resume and last.is_file():
+        # Lightning's OnExceptionCheckpoint makes fit(ckpt_path=None) continue from the newest last checkpoint
+        # by itself: a new run must not start (or silently continue) in a folder that holds another run
+        raise ConfigError(f"hydra.run.dir={out_dir} already holds a run ({last}): pass resume=true to continue "
+                          "it, or choose another output folder (hydra.run.dir=...)")
     if cfg.resume:
         if last.is_file():
             ckpt_path = str(last)

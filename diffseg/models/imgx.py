@@ -19,7 +19,8 @@ levels) that a network trained with K steps has never seen: with K = 5 it was tr
 extrapolation to be measured (``scripts/evaluate.py ... sweep.steps=[..]``), not a free choice.
 ``num_samples`` samples of a window run as ONE batch and are averaged in probability space. Outputs:
 ``final``, every step's x̂0 (``step/1`` .. ``step/S``, ``step/S`` == ``final``) and running means over
-samples (``samples/n``).
+samples (``samples/n``), and the per-voxel ``std`` and ``entropy`` over the samples
+(``inference.samples.spread_maps``).
 
 ε-prediction (the ablation, ``prediction: epsilon``): x̂0 is recovered from ε̂, clipped to [-1, 1] (also
 inside the sampler) and mapped to probabilities by p = (x̂0 + 1)/2 normalised over the classes (uniform
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from diffseg.diffusion.gaussian import SAMPLERS, VARIANCES, GaussianDiffusion
 from diffseg.diffusion.schedules import BETA_SCHEDULES, beta_schedule, evenly_spaced_indices
-from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples
+from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples, spread_maps
 from diffseg.models.base import FINAL, SegmentationModule, from_config
 from diffseg.models.losses import LOSSES, segmentation_loss
 from diffseg.nets.slicewise import SliceWise
@@ -213,9 +214,16 @@ class ImgXDiffSeg(SegmentationModule):
         return {name: "" if name == FINAL else f"{name}/" for name in names}
 
     # ------------------------------------------------------------------ network
-    def denoise(self, image: torch.Tensor, x_t: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
-        """Network output in prediction space: x̂0 = 2·softmax(logits) - 1, or ε̂ (float32)."""
-        out = self.net(torch.cat([image, x_t.to(image.dtype)], dim=1), t_model).float()
+    def denoise(self, image: torch.Tensor, x_t: torch.Tensor, t_model: torch.Tensor,
+                fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """Network output in prediction space: x̂0 = 2·softmax(logits) - 1, or ε̂ (float32).
+
+        ``fixed``: the image's share of the network's first convolution (``net.conv_in_fixed(image)``), the
+        same at every sampling step: computed once per window, so a step costs one UNet of the image's size."""
+        if fixed is None:
+            out = self.net(torch.cat([image, x_t.to(image.dtype)], dim=1), t_model).float()
+        else:
+            out = self.net(x_t.to(image.dtype), t_model, fixed=fixed).float()
         return 2.0 * torch.softmax(out, dim=1) - 1.0 if self.settings.prediction == "x0" else out
 
     def recycle_step(self, t: torch.Tensor) -> torch.Tensor:
@@ -267,15 +275,22 @@ class ImgXDiffSeg(SegmentationModule):
         n, b = s.num_samples, image.shape[0]
         images = repeat_for_samples(image, n)  # N samples of each window as ONE batch
         shape = (n * b, self.num_classes, *image.shape[2:])
+        fixed = self.net.conv_in_fixed(images) if hasattr(self.net, "conv_in_fixed") else None
         _, x0_hats = self.sample_process.sample(
-            lambda x_t, t_model: self.denoise(images, x_t, t_model), shape, sampler=s.sampler,
+            lambda x_t, t_model: self.denoise(images, x_t, t_model, fixed), shape, sampler=s.sampler,
             eta=float(s.eta), generator=self.sample_generators(n, image.device), device=image.device,
             dtype=torch.float32)
+        # running means over samples of the last step; the mean of all N is the prediction
+        samples = split_samples(probs_from_x0(x0_hats[-1]), n)  # (N, B, C, *S)
+        means = prefix_means(samples)
+        maps = spread_maps(samples) if self.spread else {}  # "std" and "entropy" over the samples
+        if not self.curves:  # validation (no maps) and predict.py: the prediction alone
+            return {FINAL: means[-1], **maps}
         outputs = {f"step/{i}": split_samples(probs_from_x0(x0_hats[i - 1]), n).mean(0)
                    for i in self.recorded_steps[:-1]}
-        # running means over samples of the last step; the mean of all N is the prediction
-        means = prefix_means(split_samples(probs_from_x0(x0_hats[-1]), n))
+        # the last step is the prediction: one tensor under both names, stitched once
         outputs[f"step/{len(x0_hats)}"] = outputs[FINAL] = means[-1]
         if n > 1:
             outputs.update({f"samples/{j}": mean for j, mean in enumerate(means, start=1)})
+        outputs.update(maps)
         return outputs

@@ -150,7 +150,10 @@ class SegRefiner(SegmentationModule):
             raise ValueError(f"SegRefiner.predict_window: expected {self.image_channels} image channels + 1 "
                              f"coarse channel, got {image.shape[1]} channels")
         img, coarse = image[:, :-1], (image[:, -1:] > 0.5).float()
-        return {FINAL: two_class(self.refine_mask(img, coarse)), "coarse": two_class(coarse)}
+        out = {FINAL: two_class(self.refine_mask(img, coarse))}
+        if self.curves:  # the coarse mask's own scores, at test
+            out["coarse"] = two_class(coarse)
+        return out
 
     @torch.no_grad()
     def predict_case(self, image, case_id, batch=None):
@@ -172,7 +175,9 @@ class SegRefiner(SegmentationModule):
             self.seed_case(case_id, image.device)
             out = global_local_refine(self.run_steps, image, coarse, self.roi_size, self.diffusion.num_steps,
                                       settings)
-            result = {FINAL: two_class(out["final"]), "global": two_class(out["global"]), "coarse": two_class(coarse)}
+            result = {FINAL: two_class(out["final"])}
+            if self.curves:  # the global pass alone and the coarse mask's own scores, at test
+                result.update({"global": two_class(out["global"]), "coarse": two_class(coarse)})
             self.last_local_patches = len(out["boxes"])
         else:
             result = super().predict_case(torch.cat([image, coarse], dim=1), case_id, batch)

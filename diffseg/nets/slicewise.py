@@ -20,3 +20,7 @@ class SliceWise(nn.Module):
         args = [a.squeeze(-1) if isinstance(a, torch.Tensor) and a.ndim == 5 else a for a in args]
         kwargs = {k: v.squeeze(-1) if isinstance(v, torch.Tensor) and v.ndim == 5 else v for k, v in kwargs.items()}
         return self.net(x.squeeze(-1), *args, **kwargs).unsqueeze(-1)
+
+    def conv_in_fixed(self, fixed: torch.Tensor) -> torch.Tensor:
+        """The 2D network's ``conv_in_fixed`` on (B, C, H, W, 1) patches."""
+        return self.net.conv_in_fixed(fixed.squeeze(-1)).unsqueeze(-1)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from diffseg.nets.blocks import (  # noqa: F401  (re-exported: the UNet's public building blocks)
     TIME_CONDITIONINGS,
@@ -236,14 +237,26 @@ class TimeUNet(nn.Module):
             emb = sinusoidal_embedding(t, self.level_channels[0]).to(self.time_mlp[0].weight.dtype)
         return self.time_mlp(emb)
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor | None = None, input_features: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x (B, in_channels, *S), t (B,) or a scalar; ``input_features`` (B, channels[0], *S), if given, are
-        added to conv_in(x) before the encoder (SegDiff: conv_in is F, the features are G(I))."""
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+    def conv_in_fixed(self, fixed: torch.Tensor) -> torch.Tensor:
+        """conv_in's response to the FIRST input channels alone, bias included: pass it as ``forward(x, t,
+        fixed=...)`` with x holding the remaining channels. conv_in is linear, so the share of inputs that
+        stay the same over many calls (ImgX's image, over its sampling steps) is computed once."""
+        weight = self.conv_in.weight[:, :fixed.shape[1]]
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.spatial_dims - 1]
+        return conv(fixed, weight.to(fixed.dtype), self.conv_in.bias.to(fixed.dtype), padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None,
+                input_features: torch.Tensor | None = None, fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in_channels, *S), t (B,) or a scalar -> (B, out_channels, *S).
+
+        ``input_features`` (B, channels[0], *S), if given, are added to conv_in(x) before the encoder (SegDiff:
+        conv_in is F, the features are G(I)). With ``fixed = conv_in_fixed(first channels)``, x holds the last
+        channels only (the same result as the whole input, up to rounding)."""
+        k = 0 if fixed is None else self.in_channels - x.shape[1]
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels - k or (fixed is not None and k < 1):
             raise ValueError(
-                f"expected input (B, {self.in_channels}, {', '.join('S' * self.spatial_dims)}), got {tuple(x.shape)}"
+                f"expected input (B, {self.in_channels}, {', '.join('S' * self.spatial_dims)}) or its last "
+                f"channels with fixed=conv_in_fixed(first channels), got {tuple(x.shape)}"
             )
         spatial = tuple(x.shape[2:])
         m = self.size_multiple
@@ -254,7 +267,11 @@ class TimeUNet(nn.Module):
             )
         temb = self._time(t, x.shape[0], x.device)
 
-        h = self.conv_in(x)
+        if fixed is None:
+            h = self.conv_in(x)
+        else:  # conv_in(cat(first, x)) = conv_in_fixed(first) + conv(x, the weights of x's channels)
+            conv = (F.conv1d, F.conv2d, F.conv3d)[self.spatial_dims - 1]
+            h = fixed + conv(x, self.conv_in.weight[:, k:].to(x.dtype), padding=1)
         if input_features is not None:
             expected = (x.shape[0], self.level_channels[0], *spatial)
             if tuple(input_features.shape) != expected:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import yaml
+from scipy import stats
 
 from conftest import read_metrics, run_script
 from diffseg.drivers.ablate import Ablation
@@ -131,6 +133,28 @@ def test_compare_3d_over_seeds_with_scipy_statistics(tmp_path, cache_dir):
         expected = metric_columns("dice/wt", cases[m], cases["unet_brats"])
         for key in ("dice/wt_ci_low", "dice/wt_ci_high", "dice/wt_p", "dice/wt_diff_ci_low"):
             assert float(rows[m][key]) == pytest.approx(expected[key], nan_ok=True), (m, key)
-    # reused when run again: nothing trains twice
-    again = run_script("compare.py", *args, *SHORT, cache=cache_dir)
+        # ... and directly scipy's on the per-case values averaged over seeds (paired with the reference row)
+        ids = sorted(cases[m][0])
+        mine = np.array([np.mean([seed[c] for seed in cases[m]]) for c in ids])
+        ref = np.array([np.mean([seed[c] for seed in cases["unet_brats"]]) for c in ids])
+        diffs = mine - ref
+        if np.ptp(mine) > 0:
+            ci = stats.bootstrap((mine,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
+                                 rng=np.random.default_rng(0)).confidence_interval
+            assert (float(rows[m]["dice/wt_ci_low"]), float(rows[m]["dice/wt_ci_high"])) == \
+                pytest.approx((ci.low, ci.high)), m
+        if np.any(diffs != 0):
+            assert float(rows[m]["dice/wt_p"]) == pytest.approx(stats.wilcoxon(diffs).pvalue), m
+    # every row's value is the mean over seeds of what each run wrote in its metrics.json
+    for m, row in rows.items():
+        for metric in ("dice/wt", "dice", "hd95"):
+            runs = [read_metrics(out / m / f"seed{s}")[f"test/{metric}"] for s in (0, 1)]
+            assert float(row[metric]) == pytest.approx(np.mean(runs), rel=1e-6), (m, metric)
+    # reused when run again: nothing trains twice; metric= picks the sort, in that metric's direction
+    again = run_script("compare.py", *args, "metric=hd95", *SHORT, cache=cache_dir)
     assert again.stdout.count("[done]") == 6
+    by_hd95 = [float(r["hd95"]) for r in csv.DictReader(open(out / "leaderboard.csv"))]
+    assert by_hd95 == sorted(by_hd95), by_hd95  # lower is better: ascending
+    run_script("compare.py", *args, "metric=dice", *SHORT, cache=cache_dir)
+    by_dice = [float(r["dice"]) for r in csv.DictReader(open(out / "leaderboard.csv"))]
+    assert by_dice == sorted(by_dice, reverse=True), by_dice  # higher is better: descending

@@ -151,6 +151,7 @@ def test_auto_loader_workers_and_pinned_memory_on_gpu_only(brats3, monkeypatch):
     dm.trainer = _fake_trainer("cuda", devices=2)  # 16 CPUs, 2 ranks on this node: 7 workers each
     loader = dm.train_dataloader()
     assert (loader.num_workers, loader.pin_memory, loader.persistent_workers) == (7, True, True)
+    dm.trainer.world_size = 1  # (the fixture's split has one val case: one rank evaluates it)
     val = dm.val_dataloader()
     assert (val.num_workers, val.pin_memory) == (7, True)
     dm.trainer = _fake_trainer("cpu")

@@ -219,6 +219,9 @@ def test_block_skips_layout_and_shapes(dims):
     x = torch.randn(2, 3, *([8] * dims))
     out = net(x, torch.tensor([3.0, 900.0]))
     assert out.shape == (2, 1, *([8] * dims))
+    out[(0, 0, *([4] * dims))].backward()  # every skip and every block takes part in the output
+    dead = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead
     with pytest.raises(ValueError, match="neck"):
         TimeUNet(dims, 3, 1, channels=channels, neck=nn.Identity(), **IDDPM)
     with pytest.raises(ValueError, match="skips"):
@@ -268,3 +271,25 @@ def test_input_features_are_added_after_conv_in():
     ref = net(x, t)
     hook.remove()
     torch.testing.assert_close(net(x, t, input_features=f), ref)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fixed_share_of_the_input_conv_gives_the_same_output(dims):
+    """conv_in is linear: conv_in_fixed(first channels) + the rest (what ImgX computes once per window and
+    reuses at every sampling step) equals the network on the whole input."""
+    from diffseg.nets.slicewise import SliceWise
+
+    torch.manual_seed(0)
+    net = TimeUNet(dims, 5, 3, channels=[4, 8]).eval()
+    image, x_t = torch.randn(2, 3, *[8] * dims), torch.randn(2, 2, *[8] * dims)
+    t = torch.tensor([3.0, 700.0])
+    with torch.no_grad():
+        whole = net(torch.cat([image, x_t], 1), t)
+        torch.testing.assert_close(net(x_t, t, fixed=net.conv_in_fixed(image)), whole, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="fixed=conv_in_fixed"):
+            net(torch.cat([image, x_t], 1), t, fixed=net.conv_in_fixed(image))
+        if dims == 2:
+            sw = SliceWise(net)
+            fixed = sw.conv_in_fixed(image.unsqueeze(-1))
+            torch.testing.assert_close(sw(x_t.unsqueeze(-1), t, fixed=fixed), whole.unsqueeze(-1),
+                                       rtol=1e-4, atol=1e-5)
