@@ -137,16 +137,12 @@ class Ablation:
 
     def case_source(self, variant: str, metric: str) -> tuple[list[Path], str, str]:
         """Where a variant's per-case values of ``metric`` (``test/<name>``) are: (the run directory of each
-        seed, the test_cases.csv output, the column). ``metric_prefix: samples/1/`` reads another output of
-        the source run; ``metric_prefix: coarse_`` another column (test/coarse_iou)."""
+        seed, the test_cases.csv output, the column). A ``metric_prefix`` is the logging prefix of another
+        output of the source run (``samples/1/`` -> output ``samples/1``, ``coarse_`` -> output ``coarse``)."""
         v = self.grid["variants"][variant]
-        name, output = metric[len("test/"):], "final"
         prefix = v.get("metric_prefix") or ""
-        if prefix.endswith("/"):
-            output = prefix[:-1]
-        else:
-            name = prefix + name
-        return [self.run_dir(self.source(variant), s) for s in self.seeds], output, name
+        output = prefix[:-1] if prefix else "final"
+        return [self.run_dir(self.source(variant), s) for s in self.seeds], output, metric[len("test/"):]
 
     def per_seed_cases(self, variant: str, metric: str) -> list[dict[str, float]]:
         """Per finished seed, {case: value} (an unfinished run is left out and the table says so)."""
