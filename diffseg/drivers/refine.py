@@ -7,7 +7,7 @@ Images and coarse masks (and ground-truth masks) are paired by file stem; every 
 listed in one error. Each image is normalised as in training and refined by the model's own
 predictor (K-step refinement; global-then-local for images larger than the training size unless
 local=false, with the number of local patches per image reported). Writes DIR_OUT/<stem>.png (0/255) and, with masks=, prints coarse vs refined IoU
-(pooled and mean), mBA and boundary F, and writes DIR_OUT/refine_metrics.json.
+(pooled and mean), mBA and FBound, and writes DIR_OUT/refine_metrics.json.
 """
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """SegDiff end to end through scripts/fit.py (docs/methods.md §2): training beats the untrained model on the
-built-in shapes and reads the image (scripts/probe_segdiff.py), and the MoNuSeg experiment runs on any folder
+built-in shapes, and the MoNuSeg experiment runs on any folder
 of images/masks with the metrics of the running mean after 1..N samples (IoU, Dice, mBA, FBound, WCov, ECE)
 and the saved uncertainty maps."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -42,11 +40,14 @@ def untrained(tmp_path_factory, cache_dir):
 
 def test_training_beats_the_untrained_model(trained, untrained):
     assert trained["test/num_cases"] == untrained["test/num_cases"] == 13
-    # measured (sizes/model/segdiff_tiny.yaml, seed 0): IoU 0.238 trained vs 0.112 untrained (about the
-    # foreground fraction: the untrained sampler returns noise); seeds 1..4 in the config's header
-    assert trained["test/iou"] >= max(untrained["test/iou"] + 0.06, 1.5 * untrained["test/iou"]), \
+    # measured (sizes/model/segdiff_tiny.yaml, 1600 steps, seed 0): IoU 0.290 / Dice 0.378 trained vs
+    # 0.111 / 0.197 untrained (the zero-initialised network predicts ε = 0: noise, about the foreground
+    # fraction). An image-blind model (blobs anywhere) scores about the untrained IoU, so it fails here.
+    assert trained["test/iou"] >= max(untrained["test/iou"] + 0.1, 2.0 * untrained["test/iou"]), \
         (trained["test/iou"], untrained["test/iou"])
-    assert trained["test/dice"] > untrained["test/dice"] + 0.06
+    assert trained["test/dice"] > untrained["test/dice"] + 0.1
+    for key in ("test/fbound", "test/wcov"):  # SegDiff's own measures are reported (docs/methods.md §2)
+        assert 0.0 <= trained[key] <= 1.0 and 0.0 <= untrained[key] <= 1.0, key
 
 
 def test_monuseg_experiment_on_a_folder(tmp_path, cache_dir):
