@@ -1,6 +1,6 @@
 """Refine another model's masks with a SegRefiner checkpoint:
 
-    python scripts/refine.py ckpt=RUN/checkpoints/best.ckpt images=DIR coarse=DIR out=DIR [masks=DIR] [steps=K] [local=true]
+    python scripts/refine.py ckpt=RUN/checkpoints/best.ckpt images=DIR coarse=DIR out=DIR [masks=DIR] [steps=K] [local=false]
 
 Pairs images and coarse masks by file stem, writes OUT/<stem>.png (0/255); with masks= prints coarse vs
 refined IoU (pooled), mBA and boundary F and writes OUT/refine_metrics.json. Options: experiments/refine.yaml.

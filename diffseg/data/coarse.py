@@ -63,6 +63,18 @@ def _contours(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def drop_closest_run(pts: np.ndarray, rng: np.random.Generator, drop: float = 0.1) -> np.ndarray:
+    """Remove a run of int(drop·n) consecutive vertices [i, i + run) of the contour ``pts`` (n, 2), i drawn
+    uniformly among the ceil(10%) of the start positions 0 .. n - run - 1 whose run endpoints pts[i] and
+    pts[i + run] are closest (a run that cuts a short chord: a protrusion, a narrow end)."""
+    n = len(pts)
+    run = int(n * drop)
+    dist = ((pts[:n - run] - pts[run:]) ** 2).sum(1)
+    order = np.argsort(dist, kind="stable")
+    start = int(order[rng.integers(math.ceil(0.1 * len(order)))])
+    return np.concatenate([pts[:start], pts[start + run:]])
+
+
 def simplify_contours(mask: np.ndarray, rng: np.random.Generator, drop: float = 0.1, keep: float = 0.1,
                       min_vertices: int = 10) -> np.ndarray:
     """``modify_boundary`` without vertex moves: per contour with >= ``min_vertices`` vertices, remove a
@@ -76,12 +88,7 @@ def simplify_contours(mask: np.ndarray, rng: np.random.Generator, drop: float = 
         n = len(pts)
         if n < min_vertices:
             continue
-        n_drop = int(n * drop)
-        # candidate runs [i, i + n_drop): the closest endpoints first (a run that cuts a short chord)
-        dist = ((pts[:n - n_drop] - pts[n_drop:]) ** 2).sum(1)
-        order = np.argsort(dist, kind="stable")
-        start = int(order[rng.integers(math.ceil(0.1 * len(order)))])
-        rest = np.concatenate([pts[:start], pts[start + n_drop:]])
+        rest = drop_closest_run(pts, rng, drop)
         k = int(len(rest) * keep)
         if k == 0:
             continue

@@ -9,7 +9,7 @@ uninterrupted run draws, and continue the diffusion noise where it stopped. Thre
   epoch, index) just before they run, so a sample does not depend on which worker loads it, on the
   samples before it, or on persistent workers.
 - ``RNGStateInCheckpoint``: the global RNG states (torch CPU/CUDA, numpy, random: the diffusion noise and
-  timesteps) go into every checkpoint and are restored on resume (Lightning's own collectors).
+  timesteps) go into every checkpoint and are restored on resume.
 
 The datamodule stores (epoch, batches done) in the checkpoint (``LightningDataModule.state_dict``) and
 calls ``EpochSampler.resume_from`` on resume: the first epoch after the restart skips the batches the
@@ -17,11 +17,11 @@ killed run already trained on, by index, without loading them.
 """
 from __future__ import annotations
 
+import random
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from monai.transforms import apply_transform
 
@@ -92,11 +92,26 @@ class SeededTransformDataset(torch.utils.data.Dataset):
 
 class RNGStateInCheckpoint(Callback):
     """Every checkpoint carries the global RNG states of the rank that writes it (rank 0); resuming
-    restores them, so the diffusion noise and timesteps continue as in the uninterrupted run."""
+    restores them, so the diffusion noise and timesteps continue as in the uninterrupted run.
+
+    Stored as tensors and plain Python values only (numpy's key array as an int64 tensor), so that checkpoints
+    still load with ``torch.load(weights_only=True)`` (what Lightning's own collector would break)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return _collect_rng_states(include_cuda=torch.cuda.is_available())
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            _set_rng_states(state_dict)
+        if not state_dict:
+            return
+        torch.set_rng_state(state_dict["torch"])
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])

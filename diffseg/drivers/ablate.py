@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 from diffseg.utils.errors import ConfigError
 from diffseg.drivers.jobs import (REPO, Job, check_overrides_compose, group_choice, read_json, run_jobs,
                                 split_launcher_overrides, split_overrides)
-from diffseg.drivers.statistics import (SUFFIXES, format_cell, format_difference, metric_columns,
-                                       read_case_values, verdict)
+from diffseg.drivers.statistics import (SUFFIXES, format_cell, format_difference, has_case_values, metric_columns,
+                                       pooled_columns, read_case_values, verdict)
 from diffseg.utils.outputs import atomic_write_text, markdown_table, write_json
 
 GRIDS = REPO / "ablation_grids"
@@ -137,21 +137,23 @@ class Ablation:
 
     def case_source(self, variant: str, metric: str) -> tuple[list[Path], str, str]:
         """Where a variant's per-case values of ``metric`` (``test/<name>``) are: (the run directory of each
-        seed, the test_cases.csv output, the column). ``metric_prefix: samples/1/`` reads another output of
-        the source run; ``metric_prefix: coarse_`` another column (test/coarse_iou)."""
+        seed, the test_cases.csv output, the column). A ``metric_prefix`` is the logging prefix of another
+        output of the source run (``samples/1/`` -> output ``samples/1``, ``coarse_`` -> output ``coarse``)."""
         v = self.grid["variants"][variant]
-        name, output = metric[len("test/"):], "final"
         prefix = v.get("metric_prefix") or ""
-        if prefix.endswith("/"):
-            output = prefix[:-1]
-        else:
-            name = prefix + name
-        return [self.run_dir(self.source(variant), s) for s in self.seeds], output, name
+        output = prefix[:-1] if prefix else "final"
+        return [self.run_dir(self.source(variant), s) for s in self.seeds], output, metric[len("test/"):]
 
     def per_seed_cases(self, variant: str, metric: str) -> list[dict[str, float]]:
         """Per finished seed, {case: value} (an unfinished run is left out and the table says so)."""
         runs, output, column = self.case_source(variant, metric)
         return [read_case_values(r, column, output) for r in runs if (r / "test_cases.csv").is_file()]
+
+    def is_pooled(self, metric: str) -> bool:
+        """A metric without per-case values (ece, iou_pooled) in the reference's first finished run."""
+        runs, _, column = self.case_source(self.grid["reference"], metric)
+        finished = [r for r in runs if (r / "test_cases.csv").is_file()]
+        return bool(finished) and not has_case_values(finished[0], column)
 
     def summarise(self) -> str:
         """OUT/ablation.csv (per variant and metric: mean over cases, bootstrap CI, sd over seeds, paired
@@ -166,14 +168,17 @@ class Ablation:
             writer.writeheader()
             writer.writerows(per_seed)
         judged = metrics[0]
-        reference = {m: self.per_seed_cases(ref, m) for m in metrics}
+        pooled = {m for m in metrics if self.is_pooled(m)}
+        reference = {m: self.per_seed_cases(ref, m) for m in metrics if m not in pooled}
         rows, table = [], []
         for name, v in self.grid["variants"].items():
             row: dict[str, Any] = {"variant": name}
-            cases = {m: self.per_seed_cases(name, m) for m in metrics}
-            row["seeds_finished"] = len(cases[judged])
+            row["seeds_finished"] = sum((r / "metrics.json").is_file() for r in self.case_source(name, judged)[0])
             for m in metrics:
-                row.update(metric_columns(m, cases[m], None if name == ref else reference[m]))
+                if m in pooled:
+                    row.update(pooled_columns(m, [self.value(name, s, m) for s in self.seeds]))
+                else:
+                    row.update(metric_columns(m, self.per_seed_cases(name, m), None if name == ref else reference[m]))
             row["expected"] = v.get("expect") or ("reference" if name == ref else "")
             row["verdict"] = "" if name == ref else verdict(
                 v.get("expect"), row.get(f"{judged}_diff_ci_low", math.nan), row.get(f"{judged}_diff_ci_high", math.nan), tol)

@@ -19,7 +19,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from diffseg.drivers.statistics import SUFFIXES, format_cell, metric_columns, read_case_values
+from diffseg.drivers.statistics import (SUFFIXES, format_cell, format_difference, has_case_values, metric_columns, pooled_columns,
+                                       read_case_values)
 from diffseg.drivers.cli import metric_mode
 from diffseg.utils.errors import ConfigError
 from diffseg.drivers.jobs import (REPO, Job, check_overrides_compose, group_choice, read_json, run_jobs,
@@ -169,14 +170,19 @@ class Comparison:
             raise ConfigError(f"metric={metric}: not reported by every run; common metrics: {sorted(common)}")
         metrics = [*quality, *per_class]
         ref_entry = next((n, s) for n, s in self.entries if self.label(n, s) == self.reference)
-        reference = {m: self.case_values(*ref_entry, m) for m in metrics}
+        pooled = {m for m in metrics if not has_case_values(self.run_dir(*ref_entry, self.seeds[0]), m)}
+        reference = {m: self.case_values(*ref_entry, m) for m in metrics if m not in pooled}
         rows = []
         for name, source in self.entries:
             label = self.label(name, source)
             row: dict[str, Any] = {"method": label}
             for m in metrics:
-                row.update(metric_columns(m, self.case_values(name, source, m),
-                                          None if label == self.reference else reference[m]))
+                if m in pooled:  # no per-case values: mean and sd over seeds of metrics.json
+                    row.update(pooled_columns(m, [read_json(self.run_dir(name, source, s) / "metrics.json").get(
+                        f"test/{m}", math.nan) for s in self.seeds]))
+                else:
+                    row.update(metric_columns(m, self.case_values(name, source, m),
+                                              None if label == self.reference else reference[m]))
             costs = [self.cost(name, source, s) for s in self.seeds]
             row.update({k: sum(c[k] for c in costs) / len(costs) for k in COST_KEYS})
             row.update(self.budget(name, source))
@@ -190,9 +196,7 @@ class Comparison:
             writer.writeheader()
             writer.writerows(rows)
         table = [{"method": r["method"], **{m: format_cell(r, m) for m in metrics},
-                  f"Δ {metric} vs {self.reference} (p)": "" if r["method"] == self.reference else
-                  f"{r[f'{metric}_diff']:+.4f} [{r[f'{metric}_diff_ci_low']:+.4f}, {r[f'{metric}_diff_ci_high']:+.4f}] "
-                  f"(p={r[f'{metric}_p']:.3g})",
+                  f"Δ {metric} vs {self.reference} [95% CI], Wilcoxon p": format_difference(r, metric),
                   **{k: r[k] for k in budget + cost}} for r in rows]
         text = (f"# Comparison on one split (`{' '.join(self.overrides)}`)\n\n"
                 f"- sorted by test `{metric}`; split: `{self.out / 'splits.json'}`; seeds: {self.seeds}\n"

@@ -1,5 +1,6 @@
 """Console entry points of the package (pyproject.toml ``[project.scripts]``): ``diffseg-fit``,
-``diffseg-evaluate``, ``diffseg-check-data``, ``diffseg-refine``, ``diffseg-compare`` and ``diffseg-ablate``
+``diffseg-evaluate``, ``diffseg-check-data``, ``diffseg-refine``, ``diffseg-predict``, ``diffseg-compare`` and
+``diffseg-ablate``
 take the same arguments as ``python scripts/<name>.py``, which call these functions.
 
 The Hydra configs are the repository's ``experiments/``, given to Hydra as an absolute path (``CONFIG_DIR``:
@@ -93,9 +94,23 @@ def _refine(cfg: DictConfig) -> None:
 
 def refine() -> None:
     """Refine another model's masks with a SegRefiner checkpoint: diffseg-refine ckpt=... images=DIR
-    coarse=DIR out=DIR [masks=DIR] [steps=K] [local=true]"""
+    coarse=DIR out=DIR [masks=DIR] [steps=K] [local=false]"""
     _check_config_dir()
     _refine()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
+def _predict(cfg: DictConfig) -> None:
+    from diffseg.drivers.predict import predict as predict_run
+
+    run_cli(predict_run, cfg)
+
+
+def predict() -> None:
+    """Segment new data with a trained model: diffseg-predict ckpt=RUN_DIR_OR_CKPT input=FOLDER out=DIR
+    [coarse=DIR_OR_RUN] [trainer=gpu|ddp] (outputs in the input's grid and label values)"""
+    _check_config_dir()
+    _predict()
 
 
 def compare() -> None:

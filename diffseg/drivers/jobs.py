@@ -160,7 +160,7 @@ def launch(jobs: Sequence[Job], config_name: str, overrides: Sequence[str], swee
     for job, ret in zip(jobs, returns):
         if ret.status == JobStatus.FAILED or not run_is_finished(job.run_dir):
             cause = getattr(ret, "_return_value", None)
-            errors.append(JobFailed(f"{job.name} failed: {cause!r}; its log: {job.run_dir}/{config_name}.log"))
+            errors.append(JobFailed(f"{job.name} failed: {cause!r}; its log: the .log file in {job.run_dir}"))
         else:
             print(f"[ok  ] {job.name}", flush=True)
     return errors

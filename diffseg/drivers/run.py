@@ -231,6 +231,11 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
     last = out_dir / "checkpoints" / "last.ckpt"
     ckpt_path = None
+    if not cfg.resume and last.is_file():
+        # Lightning's OnExceptionCheckpoint makes fit(ckpt_path=None) continue from the newest last checkpoint
+        # by itself: a new run must not start (or silently continue) in a folder that holds another run
+        raise ConfigError(f"hydra.run.dir={out_dir} already holds a run ({last}): pass resume=true to continue "
+                          "it, or choose another output folder (hydra.run.dir=...)")
     if cfg.resume:
         if last.is_file():
             ckpt_path = str(last)

@@ -14,7 +14,9 @@ tested on the same test cases. Per metric:
   mean) and ``<metric>_p`` (two-sided Wilcoxon signed-rank p-value, ``scipy.stats.wilcoxon``).
 
 Per-case values come from each run's ``test_cases.csv`` (rows of the ``final`` output, or of another
-output such as ``samples/1``).
+output such as ``samples/1``). Metrics pooled over the whole test set (``ece``, ``iou_pooled``) have no per-case
+value: their row gets the mean and sd over seeds of the runs' metrics.json values, and no CI or p-value
+(``pooled_columns``).
 """
 from __future__ import annotations
 
@@ -47,6 +49,15 @@ def read_case_values(run_dir: Path, metric: str, output: str = "final") -> dict[
     if metric not in rows[0]:
         raise ConfigError(f"{path}: no column {metric!r}; columns: {sorted(rows[0])}")
     return {r["case_id"]: float(r[metric]) if r[metric] != "" else math.nan for r in rows}
+
+
+def has_case_values(run_dir: Path, metric: str) -> bool:
+    """Whether ``metric`` is a per-case column of the run's test_cases.csv (pooled metrics are not)."""
+    path = Path(run_dir) / "test_cases.csv"
+    if not path.is_file():
+        return False
+    with open(path, newline="") as handle:
+        return metric in (csv.DictReader(handle).fieldnames or [])
 
 
 def bootstrap_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -107,6 +118,16 @@ def metric_columns(metric: str, per_seed: Sequence[Mapping[str, float]],
     return {f"{metric}{suffix}": value for suffix, value in row_statistics(per_seed, reference).items()}
 
 
+def pooled_columns(metric: str, per_seed: Sequence[float]) -> dict[str, float]:
+    """A metric pooled over the test set (no per-case values): mean and sd over seeds of the runs' values;
+    the CI, difference and p columns stay empty (NaN)."""
+    values = [v for v in per_seed if math.isfinite(v)]
+    out = {suffix: math.nan for suffix in SUFFIXES}
+    out[""] = float(np.mean(values)) if values else math.nan
+    out["_sd_seeds"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    return {f"{metric}{suffix}": value for suffix, value in out.items()}
+
+
 def verdict(expect: str | None, low: float, high: float, tolerance: float) -> str:
     """agrees / disagrees / inconclusive: does the CI [low, high] of (variant - reference) support the paper's
     direction? "similar" needs the whole CI inside ±tolerance; "not_higher" is contradicted only by a CI
@@ -132,7 +153,8 @@ def format_cell(columns: Mapping[str, float], metric: str) -> str:
     if math.isnan(mean):
         return "n/a"
     sd = columns.get(f"{metric}_sd_seeds", math.nan)
-    text = f"{mean:.4f} [{columns[f'{metric}_ci_low']:.4f}, {columns[f'{metric}_ci_high']:.4f}]"
+    low, high = columns.get(f"{metric}_ci_low", math.nan), columns.get(f"{metric}_ci_high", math.nan)
+    text = f"{mean:.4f}" + ("" if math.isnan(low) else f" [{low:.4f}, {high:.4f}]")
     return text + ("" if math.isnan(sd) else f" ± {sd:.4f}")
 
 

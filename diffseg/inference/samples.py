@@ -6,6 +6,8 @@ denoiser call per step serves all samples. ``prefix_means`` gives the average of
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -27,3 +29,23 @@ def prefix_means(samples: torch.Tensor) -> torch.Tensor:
     """(N, ...) -> (N, ...) where entry n-1 is the mean of samples 0..n-1."""
     counts = torch.arange(1, samples.shape[0] + 1, device=samples.device, dtype=samples.dtype)
     return samples.cumsum(0) / counts.view(-1, *([1] * (samples.ndim - 1)))
+
+
+#: names of the per-voxel uncertainty maps over samples (``spread_maps``), written next to the mask
+SPREAD_MAPS = ("std", "entropy")
+
+
+def spread_maps(samples: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Uncertainty over N samples of class probabilities (N, B, C, *S) -> two (B, 1, *S) maps:
+
+    - ``std``: the population standard deviation over the samples of each class probability, averaged
+      over the classes (0 where every sample gives the same probabilities; for a binary task exactly
+      the std of the foreground probability);
+    - ``entropy``: the entropy of the mean over samples (predictive entropy), -Σ_c p̄_c log p̄_c,
+      divided by log C so that it lies in [0, 1] (1: uniform over the classes).
+    """
+    probs = samples.float()
+    std = probs.std(dim=0, correction=0).mean(dim=1, keepdim=True)
+    mean = probs.mean(dim=0)
+    entropy = -(mean * mean.clamp_min(1e-12).log()).sum(dim=1, keepdim=True) / math.log(probs.shape[2])
+    return {"std": std, "entropy": entropy.clamp_min(0.0)}

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from diffseg.inference.case_writer import CaseWriter
+from diffseg.inference.samples import SPREAD_MAPS
 from diffseg.inference.window import sliding_window_predict
 from diffseg.metrics.scoring import aggregate, score_case
 from diffseg.models.lr_schedules import warmup_cosine
 from diffseg.utils.errors import ConfigError, TrainingDiverged
-from diffseg.utils.outputs import save_panel_grid, save_prediction_file
+from diffseg.utils.outputs import save_panel_grid
 
 FINAL = "final"
 
@@ -66,6 +68,9 @@ class SegmentationModule(L.LightningModule):
     #: whether ``predict_window`` returns the outputs besides FINAL (curves over steps / sample counts):
     #: False during validation (set by ``_evaluate``), True at test and for direct calls
     curves: bool = True
+    #: whether sampling models also return the uncertainty maps over samples ("std", "entropy"): False
+    #: during validation, True at test, in scripts/predict.py and for direct calls
+    spread: bool = True
 
     def __init__(
         self,
@@ -207,21 +212,36 @@ class SegmentationModule(L.LightningModule):
         d = self.spatial_dims
         return tuple(float(v) for v in affine[:d, :d].norm(dim=0))
 
-    def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
-        image, label = batch["image"], batch["label"]
+    def timed_predict_case(self, batch, *, curves: bool, spread: bool):
+        """(case id, outputs of ``predict_case``, the names evaluated, seconds) for a batch of one whole
+        image/volume, with ``curves`` and ``spread`` set for this case."""
+        image = batch["image"]
         if image.shape[0] != 1:
             raise ValueError("evaluation runs one whole image/volume per batch (batch_size=1)")
         case_id = str(batch["case_id"][0])
         start = time.perf_counter()
-        curves, self.curves = self.curves, stage == "test"
+        saved = self.curves, self.spread
+        self.curves, self.spread = curves, spread
         try:
             outputs = self.predict_case(image, case_id, batch)
             evaluated = dict(self.evaluated_outputs)
         finally:
-            self.curves = curves
+            self.curves, self.spread = saved
         if image.device.type == "cuda":
             torch.cuda.synchronize(image.device)  # once per case, for the timing (not in the sampling loop)
-        self._seconds[stage].append((case_id, time.perf_counter() - start))
+        return case_id, outputs, evaluated, time.perf_counter() - start
+
+    def predict_step(self, batch, batch_idx):
+        """scripts/predict.py: a new case without label, the prediction and the uncertainty maps only; the
+        files are written by its PredictionWriter (diffseg.drivers.predict)."""
+        case_id, outputs, _, seconds = self.timed_predict_case(batch, curves=False, spread=True)
+        return {"case_id": case_id, "outputs": outputs, "seconds": seconds}
+
+    def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
+        image, label = batch["image"], batch["label"]
+        test = stage == "test"
+        case_id, outputs, evaluated, seconds = self.timed_predict_case(batch, curves=test, spread=test)
+        self._seconds[stage].append((case_id, seconds))
         spacing = self._spacing(image)
         target = label[0, 0].long()
         for name in evaluated:
@@ -234,31 +254,48 @@ class SegmentationModule(L.LightningModule):
             self._records[stage].append(rec)
         global_index = batch_idx * self.trainer.world_size + self.trainer.global_rank
         if global_index < self.num_plot_cases:
-            self._panels[stage].append((global_index, case_id, *self._panel(image, target, outputs[FINAL])))
+            self._panels[stage].append((global_index, case_id, *self.panel(image, target, outputs)))
         if stage == "test" and self.save_predictions and self.output_dir:
             self.save_case_outputs(case_id, outputs, image)
 
-    def _panel(self, image, target, probs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Image channel 0, ground truth, prediction as (rows, columns) to draw. 2D: as loaded, which is the
-        file's orientation (PNG rows are the first axis). 3D: the axial slice (along the last axis) with the
-        most foreground, drawn with the second axis down the rows."""
+    def panel(self, image, target, outputs) -> tuple:
+        """Image channel 0, ground truth (None for new data), prediction and the uncertainty maps of sampling
+        models ({"std": ..., "entropy": ...}) as (rows, columns) to draw. 2D: as loaded, which is the file's
+        orientation (PNG rows are the first axis). 3D: the axial slice (along the last axis) with the most
+        foreground (of the ground truth, else of the prediction), drawn with the second axis down the rows."""
         img = image[0, 0].float().cpu().numpy()
-        gt = target.cpu().numpy()
-        pred = probs[0].argmax(0).cpu().numpy()
+        pred = outputs[FINAL][0].argmax(0).cpu().numpy().astype(np.uint8)
+        gt = None if target is None else target.cpu().numpy().astype(np.uint8)
+        maps = {k: outputs[k][0, 0].float().cpu().numpy() for k in SPREAD_MAPS if k in outputs}
         if self.spatial_dims == 3:
-            z = int(np.argmax((gt > 0).sum(axis=(0, 1)))) if gt.any() else gt.shape[-1] // 2
-            img, gt, pred = img[..., z].T, gt[..., z].T, pred[..., z].T
-        return img, gt.astype(np.uint8), pred.astype(np.uint8)
+            ref = gt if gt is not None and gt.any() else pred
+            z = int(np.argmax((ref > 0).sum(axis=(0, 1)))) if ref.any() else ref.shape[-1] // 2
+            img, pred = img[..., z].T, pred[..., z].T
+            gt = None if gt is None else gt[..., z].T
+            maps = {k: v[..., z].T for k, v in maps.items()}
+        return img, gt, pred, maps
+
+    def case_writer(self, directory: str | Path) -> CaseWriter:
+        """The writer of predicted cases in the input's grid and label values: the inverse of the test
+        pipeline and the label map come from the trainer's datamodule (without one, the outputs are
+        written in the grid they come in, with class indices as values)."""
+        from diffseg.data.labels import LabelMap, binary_label_map
+
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        info = getattr(dm, "info", None)
+        if info is None:
+            label_map = binary_label_map() if self.num_classes == 2 else \
+                LabelMap(list(range(self.num_classes)), [f"class{i}" for i in range(self.num_classes)])
+            return CaseWriter(directory, label_map, self.regions, self.spatial_dims, None)
+        pipeline = getattr(dm.datasets.get("test"), "transform", None)
+        return CaseWriter(directory, info.label_map, self.regions, self.spatial_dims, pipeline)
 
     def save_case_outputs(self, case_id: str, outputs: Mapping[str, torch.Tensor], image) -> None:
-        """Predicted class map as PNG (2D) or NIfTI with the image affine (3D) in DIR/predictions/.
+        """The predicted mask (and the uncertainty maps of sampling models) in DIR/predictions/, in the
+        input's grid and label values (diffseg.inference.case_writer, as scripts/predict.py writes them).
 
         Each case is written by the one rank that scored it (no two ranks write one file)."""
-        pred = outputs[FINAL][0].argmax(0).cpu().numpy().astype(np.uint8)
-        affine = getattr(image, "affine", None)
-        affine = None if affine is None else torch.as_tensor(affine).reshape(-1, 4, 4)[0].numpy() \
-            if self.spatial_dims == 3 else None
-        save_prediction_file(Path(self.output_dir) / "predictions", case_id, pred, self.num_classes, affine)
+        self.case_writer(Path(self.output_dir) / "predictions").write(case_id, outputs, image)
 
     def _gather(self, items: list) -> list:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

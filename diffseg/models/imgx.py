@@ -19,7 +19,8 @@ levels) that a network trained with K steps has never seen: with K = 5 it was tr
 extrapolation to be measured (``scripts/evaluate.py ... sweep.steps=[..]``), not a free choice.
 ``num_samples`` samples of a window run as ONE batch and are averaged in probability space. Outputs:
 ``final``, every step's x̂0 (``step/1`` .. ``step/S``, ``step/S`` == ``final``) and running means over
-samples (``samples/n``).
+samples (``samples/n``), and the per-voxel ``std`` and ``entropy`` over the samples
+(``inference.samples.spread_maps``).
 
 ε-prediction (the ablation, ``prediction: epsilon``): x̂0 is recovered from ε̂, clipped to [-1, 1] (also
 inside the sampler) and mapped to probabilities by p = (x̂0 + 1)/2 normalised over the classes (uniform
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from diffseg.diffusion.gaussian import SAMPLERS, VARIANCES, GaussianDiffusion
 from diffseg.diffusion.schedules import BETA_SCHEDULES, beta_schedule, evenly_spaced_indices
-from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples
+from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples, spread_maps
 from diffseg.models.base import FINAL, SegmentationModule, from_config
 from diffseg.models.losses import LOSSES, segmentation_loss
 from diffseg.nets.slicewise import SliceWise
@@ -280,13 +281,16 @@ class ImgXDiffSeg(SegmentationModule):
             eta=float(s.eta), generator=self.sample_generators(n, image.device), device=image.device,
             dtype=torch.float32)
         # running means over samples of the last step; the mean of all N is the prediction
-        means = prefix_means(split_samples(probs_from_x0(x0_hats[-1]), n))
-        if not self.curves:  # validation: the prediction alone
-            return {FINAL: means[-1]}
+        samples = split_samples(probs_from_x0(x0_hats[-1]), n)  # (N, B, C, *S)
+        means = prefix_means(samples)
+        maps = spread_maps(samples) if self.spread else {}  # "std" and "entropy" over the samples
+        if not self.curves:  # validation (no maps) and predict.py: the prediction alone
+            return {FINAL: means[-1], **maps}
         outputs = {f"step/{i}": split_samples(probs_from_x0(x0_hats[i - 1]), n).mean(0)
                    for i in self.recorded_steps[:-1]}
         # the last step is the prediction: one tensor under both names, stitched once
         outputs[f"step/{len(x0_hats)}"] = outputs[FINAL] = means[-1]
         if n > 1:
             outputs.update({f"samples/{j}": mean for j, mean in enumerate(means, start=1)})
+        outputs.update(maps)
         return outputs

@@ -13,8 +13,8 @@
 - Multiple generation: N samples of each window are ONE batch of N·B (inference.samples); each sample's
   x̂0 is mapped to [0, 1] and read as class probabilities ([1-p, p] for binary tasks), and the running
   means over 1..N samples are all returned (``samples/k``), the mean of all N being the final output
-  (threshold 0.5 = argmax). ``std`` (B, 1, *S) is the per-pixel standard deviation over samples,
-  saved as an uncertainty map with the predictions.
+  (threshold 0.5 = argmax). ``std`` and ``entropy`` (B, 1, *S) are the per-pixel spread over samples
+  (``inference.samples.spread_maps``), saved as uncertainty maps next to the predictions.
 - EMA of the weights (``ema_decay``) kept in the module, used for validation and test (see below), with
   the decay ramped up over the first updates (``ramped_ema_decay``).
 - ``prediction``: what the network predicts, ε (the paper) or x0 / v (for diagnosis; docs/methods.md §2);
@@ -22,24 +22,19 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 from diffseg.diffusion.gaussian import PREDICTIONS, SAMPLERS, GaussianDiffusion
 from diffseg.diffusion.schedules import beta_schedule
-from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples
+from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples, spread_maps
 from diffseg.models.base import FINAL, SegmentationModule, from_config
-from diffseg.utils.outputs import save_prediction_file
 
-STD = "std"
+STD = "std"  # the uncertainty map over samples (with "entropy", inference.samples.spread_maps)
 SAMPLING_DEFAULTS = {"num_samples": 1, "steps": None, "sampler": "ddpm", "eta": 0.0}
-#: the std map is written as uint8 = round(STD_PNG_SCALE · std); the std of values in [0, 1] is <= 0.5
-STD_PNG_SCALE = 510.0
 
 
 def stretched_linear_betas(num_steps: int) -> torch.Tensor:
@@ -244,25 +239,12 @@ class SegDiff(SegmentationModule):
             device=image.device, dtype=image.dtype)
         probs = split_samples(self.class_probabilities(x0), n)  # (N, B, C, *S)
         means = prefix_means(probs)
-        if not self.curves:  # validation: the prediction alone
-            return {FINAL: means[-1]}
+        # per-pixel spread of the samples: std (population std; 0 for one sample) mean over the classes (for
+        # a binary task exactly the std of the foreground probability), and the entropy of their mean
+        maps = spread_maps(probs) if self.spread else {}
+        if not self.curves:  # validation (no maps) and predict.py: the prediction alone
+            return {FINAL: means[-1], **maps}
         outputs = {f"samples/{k + 1}": means[k] for k in range(n)}
         outputs[FINAL] = means[-1]
-        # per-pixel spread of the samples (population std; 0 for one sample), mean over the classes
-        # (for a binary task exactly the std of the foreground probability)
-        outputs[STD] = probs.std(dim=0, correction=0).mean(dim=1, keepdim=True)
+        outputs.update(maps)
         return outputs
-
-    def save_case_outputs(self, case_id, outputs, image) -> None:
-        """The predicted mask (base class) and DIR/predictions/<case>_std.png (.nii.gz in 3D):
-        uint8 = round(510 · std), i.e. 255 for the largest possible spread (std 0.5)."""
-        super().save_case_outputs(case_id, outputs, image)
-        std = outputs[STD][0, 0].float().cpu().numpy()
-        quantised = np.clip(np.rint(std * STD_PNG_SCALE), 0, 255).astype(np.uint8)
-        affine = getattr(image, "affine", None)
-        if affine is not None and self.spatial_dims == 3:
-            affine = torch.as_tensor(affine).reshape(-1, 4, 4)[0].numpy()
-        else:
-            affine = None
-        # num_classes=256: write the values as they are (no binary 0/255 mapping)
-        save_prediction_file(Path(self.output_dir) / "predictions", f"{case_id}_std", quantised, 256, affine)

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional as F
 
 from diffseg.nets.blocks import (  # noqa: F401  (re-exported: the UNet's public building blocks)
     TIME_CONDITIONINGS,
@@ -245,14 +245,13 @@ class TimeUNet(nn.Module):
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.spatial_dims - 1]
         return conv(fixed, weight.to(fixed.dtype), self.conv_in.bias.to(fixed.dtype), padding=1)
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor | None = None, input_features: torch.Tensor | None = None,
-        fixed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x (B, in_channels, *S), t (B,) or a scalar; ``input_features`` (B, channels[0], *S), if given, are
-        added to conv_in(x) before the encoder (SegDiff: conv_in is F, the features are G(I)). With
-        ``fixed = conv_in_fixed(first channels)``, x holds the last channels only (the same result as the
-        whole input, up to rounding)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None,
+                input_features: torch.Tensor | None = None, fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in_channels, *S), t (B,) or a scalar -> (B, out_channels, *S).
+
+        ``input_features`` (B, channels[0], *S), if given, are added to conv_in(x) before the encoder (SegDiff:
+        conv_in is F, the features are G(I)). With ``fixed = conv_in_fixed(first channels)``, x holds the last
+        channels only (the same result as the whole input, up to rounding)."""
         k = 0 if fixed is None else self.in_channels - x.shape[1]
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels - k or (fixed is not None and k < 1):
             raise ValueError(

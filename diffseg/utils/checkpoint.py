@@ -102,6 +102,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, DictConfig]:
         raise ConfigError(f"ckpt={path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
     run_config = (ckpt.get(HPARAMS_KEY) or {}).get(RUN_CONFIG_KEY) if isinstance(ckpt, dict) else None
     if run_config is None:
-        raise ConfigError(f"ckpt={path}: has no diffseg run config (hyper_parameters.run_config); "
+        raise ConfigError(f"ckpt={path}: has no diffseg config (hyper_parameters.run_config); "
                           "was it written by scripts/fit.py?")
     return ckpt, OmegaConf.create(run_config)

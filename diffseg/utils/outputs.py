@@ -29,8 +29,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def save_panel_grid(path: str | os.PathLike, panels: Sequence[tuple]) -> Path:
-    """One row per case: image, ground truth, prediction, each drawn as given (row 0 at the top), so a
-    2D panel looks like its file (diffseg.models.base.SegmentationModule._panel orients 3D slices)."""
+    """One row per case ``(index, case_id, image, ground truth or None, prediction[, maps])``: image,
+    ground truth (left out for new data), prediction and each uncertainty map (``maps``: name -> 2D array,
+    e.g. std and entropy over samples), each drawn as given (row 0 at the top), so a 2D panel looks like its
+    file (diffseg.models.base.SegmentationModule.panel orients 3D slices)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,14 +40,26 @@ def save_panel_grid(path: str | os.PathLike, panels: Sequence[tuple]) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(len(panels), 3, figsize=(7.5, 2.5 * len(panels)), squeeze=False)
-    vmax = max(int(max(p[3].max(), p[4].max())) for p in panels) or 1
-    for row, (_, case_id, img, gt, pred) in zip(axes, panels):
-        for ax, arr, title in zip(row, (img, gt, pred), ("image", "ground truth", "prediction")):
-            ax.imshow(arr, cmap="gray" if title == "image" else "viridis",
-                      vmin=None if title == "image" else 0, vmax=None if title == "image" else vmax)
-            ax.set_title(f"{case_id}: {title}" if title == "image" else title, fontsize=8)
+    rows = []
+    for _, case_id, img, gt, pred, *rest in panels:
+        maps = rest[0] if rest else {}
+        columns = [("image", img)] + ([("ground truth", gt)] if gt is not None else []) + [("prediction", pred)]
+        rows.append((case_id, columns + [(name, value) for name, value in maps.items()]))
+    width = max(len(columns) for _, columns in rows)
+    vmax = max(int(arr.max()) for _, columns in rows for title, arr in columns
+               if title in ("ground truth", "prediction")) or 1
+    fig, axes = plt.subplots(len(rows), width, figsize=(2.5 * width, 2.5 * len(rows)), squeeze=False)
+    for row, (case_id, columns) in zip(axes, rows):
+        for ax in row:
             ax.axis("off")
+        for ax, (title, arr) in zip(row, columns):
+            if title == "image":
+                ax.imshow(arr, cmap="gray")
+            elif title in ("ground truth", "prediction"):
+                ax.imshow(arr, cmap="viridis", vmin=0, vmax=vmax)
+            else:  # an uncertainty map: its own colour scale, with a bar
+                fig.colorbar(ax.imshow(arr, cmap="magma", vmin=0), ax=ax, fraction=0.046)
+            ax.set_title(f"{case_id}: {title}" if title == "image" else title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

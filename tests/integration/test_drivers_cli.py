@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import yaml
+from scipy import stats
 
 from conftest import read_metrics, run_script
 from diffseg.drivers.ablate import Ablation
@@ -55,16 +57,15 @@ def test_ablate_writes_the_table_and_does_not_rerun_finished_cells(tmp_path, cac
 
 def test_ablate_two_cell_grid_through_submitit_local(tmp_path, cache_dir):
     """The grid goes through Hydra's submitit launcher (the SLURM launcher's code path, run on this machine)."""
-    out = tmp_path / "imgx"
-    proc = run_script("ablate.py", "ablation=imgx", "variants=[epsilon]", "seeds=1", "launcher=submitit_local",
+    out = tmp_path / "segrefiner"
+    proc = run_script("ablate.py", "ablation=segrefiner", "variants=[steps_3]", "seeds=1", "launcher=submitit_local",
                       "hydra.launcher.timeout_min=20", f"out={out}", *SHORT, cache=cache_dir)
     assert proc.stdout.count("[ok  ]") == 2
-    assert list((out / ".submitit").glob("*/*_submitted.pkl")), "no submitit job"
-    for variant in ("baseline", "epsilon"):
-        assert read_metrics(out / variant / "seed0")["test/num_cases"] == 5
-    prediction = yaml.safe_load((out / "epsilon" / "seed0" / "config.yaml").read_text())["model"]["diffusion"]["prediction"]
-    assert prediction == "epsilon"
-    assert "| epsilon | 1 |" in (out / "ablation.md").read_text()
+    assert len(list((out / ".submitit").glob("*/*_submitted.pkl"))) == 2  # one submitit job per cell
+    for variant in ("baseline", "steps_3"):
+        assert "test/iou" in read_metrics(out / variant / "seed0")
+    assert "+ablation=segrefiner_steps3" in (out / "steps_3" / "seed0" / ".hydra" / "overrides.yaml").read_text()
+    assert "| steps_3 | 1 |" in (out / "ablation.md").read_text()
 
 
 def test_ablate_grids_and_errors(tmp_path, cache_dir):
@@ -132,6 +133,28 @@ def test_compare_3d_over_seeds_with_scipy_statistics(tmp_path, cache_dir):
         expected = metric_columns("dice/wt", cases[m], cases["unet_brats"])
         for key in ("dice/wt_ci_low", "dice/wt_ci_high", "dice/wt_p", "dice/wt_diff_ci_low"):
             assert float(rows[m][key]) == pytest.approx(expected[key], nan_ok=True), (m, key)
-    # reused when run again: nothing trains twice
-    again = run_script("compare.py", *args, *SHORT, cache=cache_dir)
+        # ... and directly scipy's on the per-case values averaged over seeds (paired with the reference row)
+        ids = sorted(cases[m][0])
+        mine = np.array([np.mean([seed[c] for seed in cases[m]]) for c in ids])
+        ref = np.array([np.mean([seed[c] for seed in cases["unet_brats"]]) for c in ids])
+        diffs = mine - ref
+        if np.ptp(mine) > 0:
+            ci = stats.bootstrap((mine,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
+                                 rng=np.random.default_rng(0)).confidence_interval
+            assert (float(rows[m]["dice/wt_ci_low"]), float(rows[m]["dice/wt_ci_high"])) == \
+                pytest.approx((ci.low, ci.high)), m
+        if np.any(diffs != 0):
+            assert float(rows[m]["dice/wt_p"]) == pytest.approx(stats.wilcoxon(diffs).pvalue), m
+    # every row's value is the mean over seeds of what each run wrote in its metrics.json
+    for m, row in rows.items():
+        for metric in ("dice/wt", "dice", "hd95"):
+            runs = [read_metrics(out / m / f"seed{s}")[f"test/{metric}"] for s in (0, 1)]
+            assert float(row[metric]) == pytest.approx(np.mean(runs), rel=1e-6), (m, metric)
+    # reused when run again: nothing trains twice; metric= picks the sort, in that metric's direction
+    again = run_script("compare.py", *args, "metric=hd95", *SHORT, cache=cache_dir)
     assert again.stdout.count("[done]") == 6
+    by_hd95 = [float(r["hd95"]) for r in csv.DictReader(open(out / "leaderboard.csv"))]
+    assert by_hd95 == sorted(by_hd95), by_hd95  # lower is better: ascending
+    run_script("compare.py", *args, "metric=dice", *SHORT, cache=cache_dir)
+    by_dice = [float(r["dice"]) for r in csv.DictReader(open(out / "leaderboard.csv"))]
+    assert by_dice == sorted(by_dice, reverse=True), by_dice  # higher is better: descending

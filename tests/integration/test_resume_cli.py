@@ -78,6 +78,10 @@ def test_resume_after_sigkill_and_sigterm_equals_the_uninterrupted_run(tmp_path,
     killed_at = _step(last)
     assert 10 <= killed_at < STEPS and not (out / "metrics.json").exists()
     wandb_id = (out / ".wandb_id").read_text() if (out / ".wandb_id").exists() else None
+    # a new run (resume=false) never starts in, or silently continues, a folder that holds a run
+    fresh = run_script("fit.py", *ARGS, f"hydra.run.dir={out}", cache=cache_dir, check=False)
+    assert fresh.returncode == 2 and "resume=true" in fresh.stderr and "Traceback" not in fresh.stderr, fresh.stderr
+    assert _step(last) == killed_at
 
     # 2. resumed, then SIGTERM (pre-emption) mid-epoch: last.ckpt holds the step it reached
     second = _start(out, cache_dir, "resume=true")

@@ -1,7 +1,10 @@
 """SegDiff end to end through scripts/fit.py (docs/methods.md §2): training beats the untrained model on the
-built-in shapes, and the MoNuSeg experiment runs on any folder of images/masks with the metrics of the
-running mean after 1..N samples (IoU, Dice, mBA, FBound, WCov, ECE) and the saved uncertainty maps."""
+built-in shapes and reads the image (scripts/probe_segdiff.py), and the MoNuSeg experiment runs on any folder
+of images/masks with the metrics of the running mean after 1..N samples (IoU, Dice, mBA, FBound, WCov, ECE)
+and the saved uncertainty maps."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest

@@ -38,8 +38,9 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def segrefiner_run(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("segrefiner_run")
-    run(["scripts/fit.py", "experiment=segrefiner_folder2d", "data=shapes2d", "scale=tiny", f"hydra.run.dir={out}",
-         "logger=csv", "trainer.enable_progress_bar=false"], cache)
+    # budget=none: SegRefiner's own (the reference's) recipe, 160 tiny steps instead of the 2D family's 400
+    run(["scripts/fit.py", "experiment=segrefiner_folder2d", "data=shapes2d", "scale=tiny", "budget=none",
+         f"hydra.run.dir={out}", "logger=csv", "trainer.enable_progress_bar=false"], cache)
     return out
 
 
@@ -77,10 +78,10 @@ def test_fit_refined_beats_coarse(segrefiner_run):
     assert not any(k.startswith("test/global_") for k in metrics)  # images = training size: plain refinement
     # online coarse masks as the reference makes them: perturbed until the IoU drops below 0.8, no lower bound
     assert metrics["test/coarse_iou"] < 0.8
-    assert metrics["test/iou_pooled"] > metrics["test/coarse_iou_pooled"] + 0.02, metrics
-    # mBA at 64 px uses only radius 1 (the 3-px band at the true boundary): measured refined vs coarse
-    # 0.761 / 0.764 / 0.779 / 0.783 vs 0.749 over 4 runs and seeds, hence a smaller margin than for IoU
-    assert metrics["test/mba"] > metrics["test/coarse_mba"] + 0.005, metrics
+    # measured (seed 0, the reference's coarse masks, 160 steps): IoU pooled 0.515 -> 0.787, mBA (radius 1 at
+    # 64 px: the 3-px band at the true boundary) 0.565 -> 0.653; margins well inside those gains
+    assert metrics["test/iou_pooled"] > metrics["test/coarse_iou_pooled"] + 0.10, metrics
+    assert metrics["test/mba"] > metrics["test/coarse_mba"] + 0.03, metrics
 
 
 def test_refine_threshold_masks_improves_iou_and_mba(segrefiner_run, heldout, cache, tmp_path):

@@ -137,13 +137,13 @@ def test_grids_are_valid_and_subsets_keep_their_sources(tmp_path):
         Ablation(["ablation=segdiff", "variants=[nope]"])
 
 
-def _write_cases(run: Path, values: dict[str, dict[str, float]], output: str = "final") -> None:
-    """A run's test_cases.csv: {column: {case: value}}."""
+def _write_cases(run: Path, values: dict[str, dict[str, float]], **outputs: dict[str, dict[str, float]]) -> None:
+    """A run's test_cases.csv: {column: {case: value}} of the final output, and of other outputs by name."""
     run.mkdir(parents=True, exist_ok=True)
     columns = list(values)
-    cases = list(values[columns[0]])
     lines = ["case_id,output," + ",".join(columns)]
-    lines += [f"{c},{output}," + ",".join(repr(values[k][c]) for k in columns) for c in cases]
+    for output, vals in {"final": values, **outputs}.items():
+        lines += [f"{c},{output}," + ",".join(repr(vals[k][c]) for k in columns) for c in vals[columns[0]]]
     (run / "test_cases.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -179,7 +179,7 @@ def test_ablation_table_is_scipy_on_the_per_case_values_and_judges_by_the_ci(tmp
            for s in (0, 1)}
     for (variant, seed), values in iou.items():
         run = tmp_path / variant / f"seed{seed}"
-        _write_cases(run, {"iou": values, "mba": _cases(0.5), "coarse_iou": _cases(0.6), "coarse_mba": _cases(0.4)})
+        _write_cases(run, {"iou": values, "mba": _cases(0.5)}, coarse={"iou": _cases(0.6), "mba": _cases(0.4)})
         (run / "metrics.json").write_text(json.dumps({"test/iou": float(np.mean(list(values.values())))}))
     text = ablation.summarise()
     rows = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "ablation.csv"))}
@@ -188,9 +188,10 @@ def test_ablation_table_is_scipy_on_the_per_case_values_and_judges_by_the_ci(tmp
         expected = _scipy_row([iou[variant, s] for s in (0, 1)], None if variant == "baseline" else ref)
         for suffix, value in expected.items():
             assert float(rows[variant][f"test/iou{suffix}"]) == pytest.approx(value, rel=1e-12), (variant, suffix)
-    # coarse_input reads the reference runs' coarse_iou column
-    coarse = [dict(zip(CASES, [float(r["coarse_iou"]) for r in csv.DictReader(open(tmp_path / "baseline" / f"seed{s}" /
-                                                                                   "test_cases.csv"))])) for s in (0, 1)]
+    # coarse_input (metric_prefix coarse_) reads the reference runs' rows of the output "coarse"
+    coarse = [{r["case_id"]: float(r["iou"]) for r in csv.DictReader(open(tmp_path / "baseline" / f"seed{s}" /
+                                                                          "test_cases.csv")) if r["output"] == "coarse"}
+              for s in (0, 1)]
     assert float(rows["coarse_input"]["test/iou"]) == pytest.approx(_scipy_row(coarse)[""])
     # verdicts from the CI of the difference: 0.2 lower (CI excludes 0) agrees with "lower"; steps_3 is the
     # reference up to noise, judged by where scipy's CI of its difference lies
@@ -218,7 +219,8 @@ def test_leaderboard_csv_cis_and_p_values_are_scipys_on_the_runs_cases(tmp_path)
     for (name, seed), values in dice.items():
         run = tmp_path / name / f"seed{seed}"
         _write_cases(run, {"dice": values, "dice/wt": _cases(0.8), "hd95": _cases(5.0, 1.0)})
-        (run / "metrics.json").write_text(json.dumps({"test/dice": 0.0, "test/dice/wt": 0.0, "test/hd95": 0.0}))
+        (run / "metrics.json").write_text(json.dumps({"test/dice": 0.0, "test/dice/wt": 0.0, "test/hd95": 0.0,
+                                                      "test/ece": 0.1 * (seed + 1)}))  # ece: pooled, no per-case value
         (run / "run_info.json").write_text(json.dumps({"parameters": 10, "train_seconds": 2.0 + seed,
                                                        "test_seconds_per_case": 0.5, "peak_memory_mb": 100}))
         (run / "config.yaml").write_text("budget_name: family_3d\ntrainer: {max_steps: 96}\ndata: {batch_size: 2}\n"
@@ -233,6 +235,9 @@ def test_leaderboard_csv_cis_and_p_values_are_scipys_on_the_runs_cases(tmp_path)
         assert rows[name]["budget"] == "family_3d" and rows[name]["updates"] == "96" and rows[name]["batch"] == "2"
         assert float(rows[name]["lr"]) == 0.003 and float(rows[name]["train_seconds"]) == 3.0  # mean over seeds
     assert rows["unet_brats"]["dice_p"] == ""  # the reference row has no paired columns
+    # a pooled metric: mean and sd over seeds of metrics.json, no CI over cases
+    assert float(rows["imgx_brats"]["ece"]) == pytest.approx(0.2) and float(rows["imgx_brats"]["ece_sd_seeds"]) == \
+        pytest.approx(0.1) and rows["imgx_brats"]["ece_ci_low"] in ("", "nan")
     assert list(rows) == ["imgx_brats", "unet_brats"]  # sorted by dice
 
 

@@ -42,7 +42,7 @@ def test_missing_splits_file_is_named(tmp_path):
         load_or_make_splits(CASES, tmp_path, (0.6, 0.2, 0.2), seed=0, splits_file=str(tmp_path / "nope.json"))
 
 
-@pytest.mark.parametrize("kind,expected", [("foreign", "has no diffseg run config"),
+@pytest.mark.parametrize("kind,expected", [("foreign", "has no diffseg config"),
                                            ("not_a_checkpoint", "not a readable checkpoint"),
                                            ("missing", "no such checkpoint")])
 def test_foreign_checkpoint_is_named(kind, expected, tmp_path):

@@ -76,7 +76,8 @@ def test_eval_loaders_score_each_case_exactly_once(n, world, tmp_path):
     dm.datasets = {"val": list(range(n)), "test": list(range(world - 1))}
     visited = []
     for rank in range(world):
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, num_devices=world,
+                                     strategy=SimpleNamespace(root_device=torch.device("cpu")))
         visited += list(dm.val_dataloader().sampler)
     assert sorted(visited) == list(range(n))
     if world > 1:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from monai.losses import DiceCELoss, DiceLoss
 
+from diffseg.inference.samples import SPREAD_MAPS
 from diffseg.models.imgx import ImgXDiffSeg, LossSettings, probs_from_x0
 from diffseg.nets.slicewise import SliceWise
 from diffseg.nets.unet import TimeUNet
@@ -247,6 +248,9 @@ def test_sampling_outputs_from_one_model(trained, steps, num_samples):
     expected = {"final", *(f"step/{i}" for i in range(1, steps + 1))}
     if num_samples > 1:
         expected |= {f"samples/{n}" for n in range(1, num_samples + 1)}
+    maps = {k: out.pop(k) for k in SPREAD_MAPS}  # std and entropy over the samples (0 and H(p) for one)
+    assert all(m.shape == (2, 1, 16, 16) for m in maps.values())
+    assert (maps["std"] == 0).all() if num_samples == 1 else (maps["std"] > 0).any()
     assert set(out) == expected == set(model.output_prefixes)
     for p in out.values():
         assert p.shape == (2, C, 16, 16) and p.dtype == torch.float32
@@ -264,7 +268,7 @@ def test_step_outputs_keep_evenly_spaced_steps(trained):
     with torch.no_grad():
         model._case_generator = torch.Generator().manual_seed(0)
         out = model.predict_window(make_batch(b=1)["image"])
-    assert set(out) == {"final", "step/1", "step/6", "step/10"} == set(model.output_prefixes)
+    assert set(out) - set(SPREAD_MAPS) == {"final", "step/1", "step/6", "step/10"} == set(model.output_prefixes)
     model.configure_sampling(step_outputs=None)
     assert model.recorded_steps == list(range(1, 11))
 

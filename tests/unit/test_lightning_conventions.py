@@ -132,13 +132,13 @@ def test_2d_panels_are_drawn_in_the_files_orientation(tmp_path, monkeypatch):
     image, label = case["image"][None], case["label"][0].long()
     probs = torch.nn.functional.one_hot(label, 2).movedim(-1, 0)[None].float()  # a perfect prediction
 
-    model = SegmentationModule.__new__(SegmentationModule)  # _panel reads spatial_dims only
+    model = SegmentationModule.__new__(SegmentationModule)  # panel reads spatial_dims only
     model.spatial_dims = 2
     drawn = []
     imshow = matplotlib.axes.Axes.imshow
     monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
                         lambda ax, arr, **kw: drawn.append((np.asarray(arr), kw.get("origin"))) or imshow(ax, arr, **kw))
-    save_panel_grid(tmp_path / "panels.png", [(0, "case", *SegmentationModule._panel(model, image, label, probs))])
+    save_panel_grid(tmp_path / "panels.png", [(0, "case", *SegmentationModule.panel(model, image, label, {"final": probs}))])
     (img, _), (gt, _), (pred, _) = drawn
     assert all(origin in (None, "upper") for _, origin in drawn)
     assert img.shape == gt.shape == pred.shape == gray.shape
@@ -147,7 +147,8 @@ def test_2d_panels_are_drawn_in_the_files_orientation(tmp_path, monkeypatch):
     assert np.corrcoef(img.ravel(), gray.ravel().astype(float))[0, 1] > 0.99
 
 
-@pytest.mark.parametrize("command,config", [("diffseg-fit", "fit"), ("diffseg-evaluate", "evaluate")])
+@pytest.mark.parametrize("command,config", [("diffseg-fit", "fit"), ("diffseg-evaluate", "evaluate"),
+                                            ("diffseg-predict", "predict")])
 def test_console_entry_points_resolve_and_find_their_configs(command, config, tmp_path):
     """The installed console commands (pyproject [project.scripts]) load, and run from any folder: Hydra
     finds the configs (--help lists the config groups and the composed root config)."""

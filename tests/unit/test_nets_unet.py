@@ -219,6 +219,9 @@ def test_block_skips_layout_and_shapes(dims):
     x = torch.randn(2, 3, *([8] * dims))
     out = net(x, torch.tensor([3.0, 900.0]))
     assert out.shape == (2, 1, *([8] * dims))
+    out[(0, 0, *([4] * dims))].backward()  # every skip and every block takes part in the output
+    dead = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead
     with pytest.raises(ValueError, match="neck"):
         TimeUNet(dims, 3, 1, channels=channels, neck=nn.Identity(), **IDDPM)
     with pytest.raises(ValueError, match="skips"):

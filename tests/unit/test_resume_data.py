@@ -73,3 +73,17 @@ def test_resume_rng_states_travel_in_the_checkpoint_callback():
     callback.load_state_dict(state)
     torch.testing.assert_close(torch.rand(3), expected[0])
     np.testing.assert_array_equal(np.random.rand(3), expected[1])
+
+
+def test_resume_rng_states_load_with_weights_only(tmp_path):
+    """Checkpoints stay loadable with torch.load(weights_only=True) (Lightning's test/evaluate path)."""
+    import random
+
+    path = tmp_path / "state.pt"
+    random.seed(3)
+    torch.save({"rng": RNGStateInCheckpoint().state_dict()}, path)
+    state = torch.load(path, weights_only=True)["rng"]
+    expected = random.random()
+    random.seed(4)
+    RNGStateInCheckpoint().load_state_dict(state)
+    assert random.random() == expected

@@ -43,7 +43,8 @@ class MSDSource(Source):
 
     def _dataset_json(self) -> dict:
         if self._meta is None:
-            self._require_root()
+            if not self.json_path.is_file():  # the label map needs dataset.json alone (e.g. next to imagesTs/)
+                self._require_root()
             try:
                 meta = json.loads(self.json_path.read_text())
             except (OSError, ValueError) as exc:
