@@ -175,7 +175,9 @@ class SegRefiner(SegmentationModule):
             self.seed_case(case_id, image.device)
             out = global_local_refine(self.run_steps, image, coarse, self.roi_size, self.diffusion.num_steps,
                                       settings)
-            result = {FINAL: two_class(out["final"]), "global": two_class(out["global"]), "coarse": two_class(coarse)}
+            result = {FINAL: two_class(out["final"])}
+            if self.curves:  # the global pass alone and the coarse mask's own scores, at test
+                result.update({"global": two_class(out["global"]), "coarse": two_class(coarse)})
             self.last_local_patches = len(out["boxes"])
         else:
             result = super().predict_case(torch.cat([image, coarse], dim=1), case_id, batch)

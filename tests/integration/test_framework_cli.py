@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from conftest import read_metrics, run_script
 
@@ -152,7 +153,7 @@ def _surface_brute_force(pred: np.ndarray, true: np.ndarray, spacing, tolerance:
 
 
 def test_msd_anisotropic_spacing_and_folder2d_layouts(tmp_path, cache_dir):
-    """MSD layout with 1 x 1 x 3 mm voxels: HD95 and NSD in test_cases.csv are in mm of the ORIGINAL grid
+    """MSD layout (ImgX-DiffSeg) with 1 x 1 x 3 mm voxels: HD95 and NSD in test_cases.csv are in mm of the ORIGINAL grid
     (a brute-force computation on the written prediction and the label file, with the header's spacing)."""
     from diffseg.data.synthetic import write_msd_synthetic, write_shapes2d
 
@@ -160,13 +161,19 @@ def test_msd_anisotropic_spacing_and_folder2d_layouts(tmp_path, cache_dir):
     msd = write_msd_synthetic(tmp_path / "msd", num_cases=10, shape=(32, 32, 32), num_modalities=2, num_classes=3,
                               spacing=spacing)
     run = tmp_path / "msd_run"
-    run_script("fit.py", "experiment=unet_brats", "data=msd", f"data.root={msd}", "scale=tiny",
+    # the user's command `experiment=imgx_brats data=msd data.root=ROOT scale=tiny` (the one MSD layout of the
+    # suite: a diffusion model, the channels and classes read from dataset.json), fewer steps for CI
+    run_script("fit.py", "experiment=imgx_brats", "data=msd", f"data.root={msd}", "scale=tiny",
                "trainer.max_steps=16", "logger=csv", "save_predictions=true", f"hydra.run.dir={run}", cache=cache_dir)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["data"]["in_channels"] == 2 and cfg["data"]["num_classes"] == 3
+    assert cfg["model"]["net"]["in_channels"] == 2 + 3 and cfg["model"]["net"]["out_channels"] == 3
     m = read_metrics(run)
     labels = json.loads((Path(msd) / "dataset.json").read_text())["labels"]
     names = {int(k): v for k, v in labels.items() if k != "0"}
     assert all(f"test/dice/{n}" in m for n in names.values()), m.keys()
-    rows = list(csv.DictReader(open(run / "test_cases.csv")))
+    assert {"test/dice/structure1", "test/dice/structure2", "test/step/5/dice/structure2"} <= m.keys()
+    rows = [r for r in csv.DictReader(open(run / "test_cases.csv")) if r["output"] == "final"]  # not step/k
     checked = 0
     for row in rows:
         true_img = nib.load(Path(msd) / "labelsTr" / f"{row['case_id']}.nii.gz")

@@ -47,7 +47,8 @@ def test_texture_loss_equals_the_reference_definition(seed):
     logits = rng.normal(scale=3.0, size=(3, 1, 17, 12))
     target = (rng.uniform(size=(3, 1, 17, 12)) > 0.5).astype(np.float64)
     expected = reference_texture_loss(logits, target)
-    got = texture_l1(torch.sigmoid(torch.tensor(logits, dtype=torch.float32)), torch.tensor(target, dtype=torch.float32))
+    prob = torch.sigmoid(torch.tensor(logits, dtype=torch.float32))
+    got = texture_l1(prob, torch.tensor(target, dtype=torch.float32))
     assert got.item() == pytest.approx(expected, abs=1e-5)
     # the model's training loss uses it with the same defaults (pool 3, eps 1e-4)
     model = stub_model()
@@ -56,7 +57,8 @@ def test_texture_loss_equals_the_reference_definition(seed):
 
 def test_sobel_magnitude_is_scipy_sobel_over_4_with_zero_padding():
     x = torch.rand(1, 1, 9, 11, dtype=torch.float64)
-    ref = np.hypot(ndimage.sobel(x[0, 0].numpy(), 0, mode="constant"), ndimage.sobel(x[0, 0].numpy(), 1, mode="constant")) / 4
+    img = x[0, 0].numpy()
+    ref = np.hypot(ndimage.sobel(img, 0, mode="constant"), ndimage.sobel(img, 1, mode="constant")) / 4
     np.testing.assert_allclose(sobel_magnitude(x, eps=0.0)[0, 0].numpy(), ref, atol=1e-12)
     assert texture_l1(x, x).item() == 0.0
 
@@ -389,11 +391,17 @@ def test_model_global_pass_steps_k_minus_1_to_1_then_local_at_0():
     # local patches see the full-resolution logits: the output is sharp where the logits are
     assert torch.equal(out[FINAL].argmax(1)[..., :, :30], torch.ones(1, 64, 30, dtype=torch.long))
     assert torch.equal(out[FINAL].argmax(1)[..., :, 34:], torch.zeros(1, 64, 30, dtype=torch.long))
+    model.curves = False  # validation: the final mask only, the same one
+    assert set(final_only := model.predict_case(image, "c", {"coarse": coarse})) == {FINAL}
+    assert torch.equal(final_only[FINAL], out[FINAL])
+    model.curves = True
     # no larger than the training size: plain refinement t = 5 .. 0; local: false -> sliding window
     model.net.calls.clear()
     small = model.predict_case(image[..., :32, :32], "c", {"coarse": coarse[..., :32, :32]})
-    assert set(small) == {FINAL, "coarse"} and [t.tolist() for _, t in model.net.calls] == [[t] for t in range(5, -1, -1)]
-    window = SegRefiner(net=RecordingNet(), refine={"local": False}, **BASE).eval().predict_case(image, "c", {"coarse": coarse})
+    assert set(small) == {FINAL, "coarse"}
+    assert [t.tolist() for _, t in model.net.calls] == [[t] for t in range(5, -1, -1)]
+    sliding = SegRefiner(net=RecordingNet(), refine={"local": False}, **BASE).eval()
+    window = sliding.predict_case(image, "c", {"coarse": coarse})
     assert set(window) == {FINAL, "coarse"}
 
 

@@ -73,7 +73,8 @@ def test_window_diffusion_prediction_is_reproducible_and_stitched_like_monai(net
     first = model.predict_case(image, "case_a")
     recorded, windows[:] = list(windows), []
     second = model.predict_case(image, "case_a")
-    assert {FINAL, "step/1", "step/2", "step/3"} <= set(first) and len(recorded) > 8  # + the spread maps
+    # the prediction, each sampling step, and the uncertainty maps over samples (std, entropy)
+    assert set(first) == {FINAL, "step/1", "step/2", "step/3", "std", "entropy"} and len(recorded) > 8
     for name in first:
         assert torch.equal(first[name], second[name]), name
         replay = iter(w[name] for w in recorded)
