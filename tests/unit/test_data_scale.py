@@ -43,21 +43,20 @@ def _splits_file(root: Path, n: int, directory: Path) -> tuple[str, int]:
 
 
 def test_data_layer_memory_does_not_grow_with_the_number_of_cases(brats16, tmp_path):
-    """Peak resident memory of the data layer (fit + test datasets, one epoch visiting every training case
-    twice, the validation and test volumes), each figure in a fresh process: 4 vs 16 cases of the same size.
-    With the disk cache the difference stays below one case; the memory cache, measured the same way, grows
-    by about the 12 extra cases it holds (so the measurement sees memory that the data layer keeps)."""
+    """Peak resident memory of the data layer (fit + test datasets, one epoch over every training case, the
+    validation and test volumes), each figure in a fresh process: 4 vs 16 cases of the same size. With the
+    disk cache the difference stays below one case; the memory cache, measured the same way on the 16 cases,
+    holds about 14 cases more than the disk cache (so the measurement sees memory that the data layer keeps)."""
     peaks = {}
-    for cache in ("disk", "memory"):
-        for n in (4, 16):
-            splits, n_train = _splits_file(brats16, n, tmp_path)
-            served, peak = in_fresh_process(serve_data_layer, str(brats16), splits, cache, str(tmp_path / "cache"),
-                                            (32, 32, 32), 2 * n_train)
-            assert served == 2 * n_train + (n - n_train)  # every patch and every eval volume was served
-            peaks[cache, n] = peak
+    for cache, n in (("disk", 4), ("disk", 16), ("memory", 16)):
+        splits, n_train = _splits_file(brats16, n, tmp_path)
+        served, peak = in_fresh_process(serve_data_layer, str(brats16), splits, cache, str(tmp_path / "cache"),
+                                        (32, 32, 32), n_train)
+        assert served == n  # every training case once, every validation and test volume
+        peaks[cache, n] = peak
     print({f"{c}/{n}": round(v, 1) for (c, n), v in peaks.items()}, f"one case {CASE_MB:.1f} MB")
     assert peaks["disk", 16] - peaks["disk", 4] < CASE_MB, peaks
-    assert peaks["memory", 16] - peaks["memory", 4] > 0.75 * 12 * CASE_MB, peaks
+    assert peaks["memory", 16] - peaks["disk", 16] > 0.75 * 14 * CASE_MB, peaks
 
 
 def _datamodule(root, **kwargs) -> SegDataModule:
