@@ -109,8 +109,10 @@ def test_metric_mode_of_each_reported_metric():
 
 
 def test_validation_cadence_is_in_optimiser_steps():
-    paper = compose_fit("experiment=imgx_brats", "data=brats_synthetic")
-    assert paper.trainer.val_check_interval == 1000 and paper.trainer.check_val_every_n_epoch is None
+    for path in sorted((REPO / "experiments" / "experiment").glob("*.yaml")):  # every experiment, paper scale
+        paper = compose_fit(f"experiment={path.stem}")
+        assert paper.trainer.val_check_interval == 1000, path.stem
+        assert paper.trainer.check_val_every_n_epoch is None, path.stem
     tiny = compose_fit("experiment=imgx_brats", "data=brats_synthetic", "scale=tiny")
     assert tiny.trainer.val_check_interval == 16 and tiny.trainer.check_val_every_n_epoch is None
 
