@@ -40,8 +40,8 @@ def untrained(tmp_path_factory, cache_dir):
 
 def test_training_beats_the_untrained_model(trained, untrained):
     assert trained["test/num_cases"] == untrained["test/num_cases"] == 13
-    # measured (sizes/model/segdiff_tiny.yaml, 1600 steps, seed 0; sizes/experiment/segdiff_folder2d_tiny.yaml
-    # now sets 2400, not re-measured for seed 0): IoU 0.290 / Dice 0.378 trained vs
+    # measured (sizes/model/segdiff_tiny.yaml and sizes/experiment/segdiff_folder2d_tiny.yaml, 1600 steps,
+    # seed 0): IoU 0.290 / Dice 0.378 trained vs
     # 0.111 / 0.197 untrained (the zero-initialised network predicts ε = 0: noise, about the foreground
     # fraction). An image-blind model (blobs anywhere) scores about the untrained IoU, so it fails here.
     assert trained["test/iou"] >= max(untrained["test/iou"] + 0.1, 2.0 * untrained["test/iou"]), \
