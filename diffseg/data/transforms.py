@@ -18,6 +18,7 @@ from monai import transforms as mt
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.image_reader import NibabelReader, PILReader
+from monai.utils.enums import TraceKeys
 
 from diffseg.data.errors import DataError
 from diffseg.data.labels import LabelMap
@@ -69,6 +70,11 @@ class ToFloatImaged(mt.MapTransform):
         for key in self.key_iterator(d):
             d[key] = d[key].float()
         return d
+
+
+# MONAI allowlists MetaTensor, MetaKeys and SpaceKeys for torch.load(weights_only=True), not TraceKeys, which the
+# transform trace kept for inverting predictions holds again once MONAI re-wraps a cached item as a MetaTensor
+torch.serialization.add_safe_globals([TraceKeys])
 
 
 class PlainMetad(mt.MapTransform):

@@ -68,9 +68,9 @@ def test_monuseg_experiment_on_a_folder(tmp_path, cache_dir):
     config = (out / "config.yaml").read_text()
     assert "rrdb_blocks: 0" in config and "resize: null" in config  # tiny sizes win over the experiment
     preds = out / "predictions"
-    masks = sorted(p for p in preds.glob("*.png") if not p.stem.endswith("_std"))
-    stds = sorted(preds.glob("*_std.png"))
-    assert len(masks) == len(stds) == metrics["test/num_cases"] > 0
+    masks = sorted(p for p in preds.glob("*.png") if not p.stem.endswith(("_std", "_entropy")))
+    stds, entropies = sorted(preds.glob("*_std.png")), sorted(preds.glob("*_entropy.png"))
+    assert len(masks) == len(stds) == len(entropies) == metrics["test/num_cases"] > 0
     std = np.asarray(Image.open(stds[0]))
     assert std.shape == (64, 64) and std.dtype == np.uint8
 
