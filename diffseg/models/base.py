@@ -146,6 +146,9 @@ class SegmentationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
+        # plain tensors: training needs no metadata, every op on a MONAI MetaTensor copies it, and
+        # torch.compile (model.compile=true) cannot trace MetaTensor's dispatch
+        batch = {k: v.as_tensor() if hasattr(v, "as_tensor") else v for k, v in batch.items()}
         loss, logs = self.training_loss(batch)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
