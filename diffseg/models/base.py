@@ -51,6 +51,12 @@ def from_config(value: Any) -> Any:
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
+def plain_tensor(x):
+    """A MONAI MetaTensor as a plain tensor (no metadata copied by every op; torch.compile can trace it);
+    anything else as it is."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
 class SegmentationModule(L.LightningModule):
     """Base class. Subclasses implement ``training_loss(batch)`` and ``predict_window(image)``.
 
@@ -148,7 +154,7 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         # plain tensors: training needs no metadata, every op on a MONAI MetaTensor copies it, and
         # torch.compile (model.compile=true) cannot trace MetaTensor's dispatch
-        batch = {k: v.as_tensor() if hasattr(v, "as_tensor") else v for k, v in batch.items()}
+        batch = {k: plain_tensor(v) for k, v in batch.items()}
         loss, logs = self.training_loss(batch)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
@@ -196,7 +202,7 @@ class SegmentationModule(L.LightningModule):
         """Whole image/volume -> dict of stitched outputs (1, C, *S). Noise seeded per case."""
         self.seed_case(case_id, image.device)
         fn = partial(self.predict_window, batch=batch)
-        image = image.as_tensor() if hasattr(image, "as_tensor") else image  # no metadata copy in every op
+        image = plain_tensor(image)  # no metadata copy in every op
         return sliding_window_predict(fn, image, self.roi_size, overlap=self.overlap,
                                       sw_batch_size=self.sw_batch_size, progress=self.window_progress)
 

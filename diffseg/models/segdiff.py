@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel
 from diffseg.diffusion.gaussian import PREDICTIONS, SAMPLERS, GaussianDiffusion
 from diffseg.diffusion.schedules import beta_schedule
 from diffseg.inference.samples import prefix_means, repeat_for_samples, split_samples, spread_maps
-from diffseg.models.base import FINAL, SegmentationModule, from_config
+from diffseg.models.base import FINAL, SegmentationModule, from_config, plain_tensor
 
 STD = "std"  # the uncertainty map over samples (with "entropy", inference.samples.spread_maps)
 SAMPLING_DEFAULTS = {"num_samples": 1, "steps": None, "sampler": "ddpm", "eta": 0.0}
@@ -169,11 +169,6 @@ class SegDiff(SegmentationModule):
         prefixes.update({f"samples/{k}": f"samples/{k}/" for k in range(1, self.num_samples + 1)})
         return prefixes
 
-    @staticmethod
-    def _plain(x: torch.Tensor) -> torch.Tensor:
-        """A MONAI MetaTensor as a plain tensor (every op on a MetaTensor also copies its metadata)."""
-        return x.as_tensor() if hasattr(x, "as_tensor") else x
-
     def encode_mask(self, label: torch.Tensor) -> torch.Tensor:
         """Class indices (B, 1, *S) -> x0 in {-1, 1}: (B, 1, *S) binary, (B, C, *S) one-hot."""
         if label.ndim != self.spatial_dims + 2 or label.shape[1] != 1:
@@ -206,8 +201,8 @@ class SegDiff(SegmentationModule):
         return F.mse_loss(output.float(), target.float())
 
     def training_loss(self, batch):
-        image = self._plain(batch["image"])
-        x0 = self.encode_mask(self._plain(batch["label"])).to(image.dtype)
+        image = plain_tensor(batch["image"])
+        x0 = self.encode_mask(plain_tensor(batch["label"])).to(image.dtype)
         t = torch.randint(0, self.diffusion.num_steps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         return self.diffusion_loss(x0, image, t, noise), {}
@@ -223,7 +218,7 @@ class SegDiff(SegmentationModule):
 
     # ------------------------------------------------------------------ prediction
     def predict_window(self, image, batch=None):
-        image = self._plain(image)
+        image = plain_tensor(image)
         n, b = self.num_samples, image.shape[0]
         net = self.eval_net
         # G(I) does not depend on x_t or t: computed once per window, shared by every step and sample;

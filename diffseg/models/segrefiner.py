@@ -21,7 +21,7 @@ from torch import nn
 
 from diffseg.diffusion.discrete import BinaryRefinementDiffusion
 from diffseg.inference.global_local import RefineSettings, global_local_refine
-from diffseg.models.base import FINAL, SegmentationModule, from_config
+from diffseg.models.base import FINAL, SegmentationModule, from_config, plain_tensor
 from diffseg.utils.errors import ConfigError
 
 # Sobel kernel of the reference's texture loss, divided by 4 (docs/methods.md §3): a unit step gives a total
@@ -58,11 +58,6 @@ def texture_l1(prob: torch.Tensor, target: torch.Tensor, pool: int = 3, eps: flo
 def two_class(p: torch.Tensor) -> torch.Tensor:
     """Foreground probability (B, 1, *S) -> class probabilities [1 - p, p] (B, 2, *S)."""
     return torch.cat([1.0 - p, p], dim=1)
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    """A MONAI MetaTensor as a plain tensor (faster ops, no metadata propagation)."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 class SegRefiner(SegmentationModule):
@@ -113,15 +108,15 @@ class SegRefiner(SegmentationModule):
                 "SegRefiner needs a coarse mask per image (batch key 'coarse'): generate them online with "
                 "data.train_transforms / data.eval_transforms (diffseg.data.coarse_transforms, as "
                 "experiment=segrefiner_folder2d does) or read another model's masks with data.source.coarse_dir=DIR")
-        return (_plain(batch["coarse"]) > 0).float()
+        return (plain_tensor(batch["coarse"]) > 0).float()
 
     def denoise(self, image: torch.Tensor, m_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Fine-mask logits (B, 1, H, W) from the image and the current mask m_t at step t."""
         return self.net(torch.cat([image, m_t.to(image.dtype)], dim=1), t)
 
     def training_loss(self, batch):
-        image = _plain(batch["image"]).float()
-        gt = (_plain(batch["label"]) > 0).float()
+        image = plain_tensor(batch["image"]).float()
+        gt = (plain_tensor(batch["label"]) > 0).float()
         coarse = self._coarse(batch)
         t = torch.randint(0, self.diffusion.num_steps, (image.shape[0],), device=image.device)
         m_t = self.diffusion.q_sample(gt, coarse, t)  # fine where u < β̄_t, coarse elsewhere
@@ -161,7 +156,7 @@ class SegRefiner(SegmentationModule):
         reference). Images no larger than the training size (or with ``refine.local: false``): plain
         refinement through the sliding-window predictor, the coarse mask windowed with the image as an
         extra channel. Larger images: global pass + local patches (``inference.global_local``)."""
-        image = _plain(image).float()
+        image = plain_tensor(image).float()
         coarse = self._coarse(batch).to(image.device)
         if coarse.shape != (image.shape[0], 1, *image.shape[2:]):
             raise ValueError(f"coarse mask {tuple(coarse.shape)} does not match image {tuple(image.shape)}")
